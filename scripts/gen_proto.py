@@ -1,4 +1,4 @@
-"""Generate the Python stubs of the gRPC contract into ledger/api/ (committed; a test checks staleness).
+"""Generate the Python stubs of the contract into ledger/api/ (committed; a test checks them).
 
 Usage: python scripts/gen_proto.py [OUT_DIR]   (default: the repository root)
 """

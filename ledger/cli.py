@@ -1,0 +1,54 @@
+"""The `ledger` console script."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ledger.db.session import default_database_url
+from ledger.server.app import Settings, serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ledger", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the gRPC server")
+    serve_cmd.add_argument(
+        "--listen",
+        default=os.environ.get("LEDGER_LISTEN", "127.0.0.1:50051"),
+        help="HOST:PORT to listen on (env LEDGER_LISTEN; default 127.0.0.1:50051)",
+    )
+    serve_cmd.add_argument(
+        "--database-url",
+        default=os.environ.get("LEDGER_DATABASE_URL") or default_database_url(),
+        help="sqlite:///path or postgresql+psycopg://… (env LEDGER_DATABASE_URL; "
+        "default a SQLite file ledger.db in the working directory)",
+    )
+    serve_cmd.add_argument(
+        "--threads", type=int, default=int(os.environ.get("LEDGER_THREADS", "32"))
+    )
+    serve_cmd.add_argument(
+        "--cycle-positions-max",
+        type=int,
+        default=int(os.environ.get("LEDGER_CYCLE_POSITIONS_MAX", "50000000")),
+        help="positions a cycle close may stream before RESOURCE_EXHAUSTED",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LEDGER_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    settings = Settings(
+        listen=args.listen,
+        database_url=args.database_url,
+        threads=args.threads,
+        cycle_positions_max=args.cycle_positions_max,
+    )
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Persistence: typed models, the unit of work, bulk writers per backend, migrations."""

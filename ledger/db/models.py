@@ -1,0 +1,209 @@
+"""SQLAlchemy 2 typed models. The migrations in db/migrations create exactly these tables.
+
+Money columns are BIGINT minor units. u64 ids (positions, user accounts) are stored as the
+signed 64-bit integer with the same bits, and converted back at the edges (see db/u64.py).
+Times are BIGINT microseconds since the Unix epoch, UTC: exact, portable and fast to COPY.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Currency(Base):
+    __tablename__ = "currencies"
+
+    code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    scale: Mapped[int] = mapped_column(SmallInteger)
+    created_at_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class Account(Base):
+    """A system account of a currency with its running totals (a cache of its postings,
+    updated in the same transaction as the entry; VerifyLedger recomputes it from the journal).
+
+    User accounts (`user:<id>`) exist implicitly from their first posting: there can be
+    millions, and a cycle close must not write a row per user beyond its allocation rows.
+    """
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        UniqueConstraint("currency", "name"),
+        CheckConstraint("name <> 'insurance_fund' OR balance >= 0", name="fund_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"))
+    name: Mapped[str] = mapped_column(String(32))
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    credit_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    debit_total: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Policy(Base):
+    """Append-only history: the policy in force is the highest version of its currency."""
+
+    __tablename__ = "policies"
+    __table_args__ = (UniqueConstraint("currency", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"))
+    version: Mapped[int] = mapped_column(Integer)
+    insurance_share: Mapped[str] = mapped_column(String(40))
+    coverage_ratio: Mapped[str] = mapped_column(String(40))
+    created_at_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class Contract(Base):
+    __tablename__ = "contracts"
+
+    symbol: Mapped[str] = mapped_column(String(128), primary_key=True)
+    margin_currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"))
+    kind: Mapped[int] = mapped_column(SmallInteger)
+    multiplier: Mapped[str] = mapped_column(String(64))
+    updated_at_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class Counter(Base):
+    """Id blocks: entry ids come from one counter so journal and allocation rows never clash."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    next_value: Mapped[int] = mapped_column(BigInteger)
+
+
+class Entry(Base):
+    """A journal entry stored as a transfer; see ledger/journal.py."""
+
+    __tablename__ = "entries"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("debit_account <> credit_account", name="distinct_accounts"),
+        Index(None, "currency", "debit_account", "id"),
+        Index(None, "currency", "credit_account", "id"),
+        Index(None, "currency", "kind", "reference"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"))
+    kind: Mapped[int] = mapped_column(SmallInteger)
+    reference: Mapped[str] = mapped_column(String(128))
+    debit_account: Mapped[str] = mapped_column(String(32))
+    credit_account: Mapped[str] = mapped_column(String(32))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    memo: Mapped[str] = mapped_column(Text, default="")
+    created_at_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class Transfer(Base):
+    """The idempotency record of TransferFund: a retry is told from a reuse by the hash."""
+
+    __tablename__ = "transfers"
+
+    transfer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    entry_id: Mapped[int] = mapped_column(ForeignKey("entries.id"))
+
+
+class Liquidation(Base):
+    """Every reported liquidation, with its result; the idempotency record of its id."""
+
+    __tablename__ = "liquidations"
+    __table_args__ = (Index(None, "currency", "cycle_id", "outcome"),)
+
+    liquidation_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"))
+    cycle_id: Mapped[str] = mapped_column(String(128))
+    symbol: Mapped[str] = mapped_column(String(128))
+    account_id: Mapped[int] = mapped_column(BigInteger)
+    position_id: Mapped[int] = mapped_column(BigInteger)
+    side: Mapped[int] = mapped_column(SmallInteger)
+    quantity: Mapped[str] = mapped_column(String(64))
+    takeover_price: Mapped[str] = mapped_column(String(64))
+    close_price: Mapped[str] = mapped_column(String(64))
+    remaining_margin: Mapped[int] = mapped_column(BigInteger)
+    engine_result: Mapped[int] = mapped_column(BigInteger)
+    outcome: Mapped[int] = mapped_column(SmallInteger)
+    fund_balance_after: Mapped[int] = mapped_column(BigInteger)
+    entry_id: Mapped[int | None] = mapped_column(ForeignKey("entries.id"), nullable=True)
+    created_at_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class Cycle(Base):
+    """A closed cycle and its summary; its existence is the mark that the cycle is closed."""
+
+    __tablename__ = "cycles"
+    __table_args__ = (UniqueConstraint("currency", "cycle_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"))
+    cycle_id: Mapped[str] = mapped_column(String(128))
+    loss_total: Mapped[int] = mapped_column(BigInteger)
+    fund_balance_before: Mapped[int] = mapped_column(BigInteger)
+    fund_share: Mapped[int] = mapped_column(BigInteger)
+    fund_paid: Mapped[int] = mapped_column(BigInteger)
+    user_due: Mapped[int] = mapped_column(BigInteger)
+    allocated_total: Mapped[int] = mapped_column(BigInteger)
+    uncovered: Mapped[int] = mapped_column(BigInteger)
+    positions_total: Mapped[int] = mapped_column(BigInteger)
+    profitable_count: Mapped[int] = mapped_column(BigInteger)
+    profit_total: Mapped[int] = mapped_column(BigInteger)
+    participant_count: Mapped[int] = mapped_column(BigInteger)
+    participant_profit: Mapped[int] = mapped_column(BigInteger)
+    cutoff_pnl: Mapped[int] = mapped_column(BigInteger)
+    widened: Mapped[bool] = mapped_column(Boolean)
+    input_digest: Mapped[str] = mapped_column(String(64))
+    insurance_share: Mapped[str] = mapped_column(String(40))
+    coverage_ratio: Mapped[str] = mapped_column(String(40))
+    policy_version: Mapped[int] = mapped_column(Integer)
+    allocation_first_entry_id: Mapped[int] = mapped_column(BigInteger)
+    closed_at_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class Allocation(Base):
+    """One ALLOCATION flow: an entry moving `amount` from user:<account_id> to system_loss.
+
+    Kept in its own compact table because a cycle writes millions of them in one transaction:
+    its entry id is `allocation_first_entry_id` of the cycle plus the row's rank by position_id
+    (one block from the same counter as the journal), its postings are derived like any entry's.
+    """
+
+    __tablename__ = "allocations"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        Index(None, "account_id", "entry_id"),
+    )
+
+    cycle_pk: Mapped[int] = mapped_column(ForeignKey("cycles.id"), primary_key=True)
+    position_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[int] = mapped_column(BigInteger)
+    pnl: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    entry_id: Mapped[int] = mapped_column(BigInteger)

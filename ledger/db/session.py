@@ -1,0 +1,89 @@
+"""Engines and the unit of work: the RPC edge opens one transaction, domain code never commits.
+
+SQLite runs in WAL mode with synchronous=FULL (a commit is durable before the reply) and every
+write transaction starts with BEGIN IMMEDIATE, so writers queue on the database lock instead of
+failing on an upgrade from a read lock. PostgreSQL runs at READ COMMITTED; rows that guard a
+rule (an account's balance, the id counter) are locked by the UPDATE that changes them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+DEFAULT_SQLITE_FILE = "ledger.db"
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{os.path.join(os.getcwd(), DEFAULT_SQLITE_FILE)}"
+
+
+class Database:
+    """One engine per process and the sessions made from it."""
+
+    def __init__(self, url: str, *, pool_size: int = 16) -> None:
+        parsed = make_url(url)
+        self.url = url
+        self.backend = parsed.get_backend_name()
+        if self.backend == "sqlite":
+            self.engine = _sqlite_engine(url)
+        elif self.backend == "postgresql":
+            if parsed.get_driver_name() != "psycopg":
+                raise ValueError(f"database URL {url!r}: use postgresql+psycopg://")
+            self.engine = create_engine(
+                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            )
+        else:
+            raise ValueError(f"database URL {url!r}: only sqlite:/// and postgresql+psycopg://")
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.backend == "sqlite"
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One write transaction: commits on success, rolls back on any exception."""
+        with self._sessions() as session, session.begin():
+            if self.is_sqlite:
+                session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction (a consistent snapshot on PostgreSQL)."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from the driver so that BEGIN is ours (SQLAlchemy docs,
+        # "Serializable isolation / Savepoints / Transactional DDL" for pysqlite).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine

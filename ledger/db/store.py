@@ -1,0 +1,164 @@
+"""Writing and reading the journal: id blocks, entries, and the cached account totals.
+
+Domain modules call these with the session of the current unit of work; nothing here commits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from ledger.db import models
+from ledger.errors import FailedPrecondition, NotFound
+from ledger.journal import NON_NEGATIVE_ACCOUNTS, SYSTEM_ACCOUNTS, EntryKind, Posting, Transfer
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    entry_id: int
+    kind: EntryKind
+    currency: str
+    reference: str
+    postings: tuple[Posting, ...]
+    created_at_us: int
+    memo: str = ""
+    position_id: int = 0
+    pnl: int = 0
+
+
+def reserve_entry_ids(session: Session, count: int) -> int:
+    """Take `count` consecutive entry ids; returns the first. Holds the counter's row lock
+    until the transaction ends, so blocks never overlap, also across server processes."""
+    assert count > 0
+    next_value = session.execute(
+        update(models.Counter)
+        .where(models.Counter.name == "entry_id")
+        .values(next_value=models.Counter.next_value + count)
+        .returning(models.Counter.next_value)
+    ).scalar_one()
+    return int(next_value) - count
+
+
+def post(session: Session, transfers: Sequence[Transfer], created_at_us: int) -> list[int]:
+    """Append entries and move the cached totals of the system accounts they touch.
+
+    Raises FailedPrecondition (and the caller's transaction rolls back) when an account that
+    must stay non-negative would go below zero.
+    """
+    if not transfers:
+        return []
+    first = reserve_entry_ids(session, len(transfers))
+    ids = list(range(first, first + len(transfers)))
+    apply_deltas(session, account_deltas(transfers))
+    session.execute(
+        insert(models.Entry),
+        [
+            {
+                "id": entry_id,
+                "currency": t.currency,
+                "kind": int(t.kind),
+                "reference": t.reference,
+                "debit_account": t.debit,
+                "credit_account": t.credit,
+                "amount": t.amount,
+                "memo": t.memo,
+                "created_at_us": created_at_us,
+            }
+            for entry_id, t in zip(ids, transfers, strict=True)
+        ],
+    )
+    return ids
+
+
+Deltas = dict[tuple[str, str], tuple[int, int]]  # (currency, account) → (credits, debits)
+
+
+def account_deltas(transfers: Sequence[Transfer]) -> Deltas:
+    totals: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for t in transfers:
+        totals[(t.currency, t.credit)][0] += t.amount
+        totals[(t.currency, t.debit)][1] += t.amount
+    return {key: (c, d) for key, (c, d) in totals.items() if key[1] in SYSTEM_ACCOUNTS}
+
+
+def apply_deltas(session: Session, deltas: Deltas) -> dict[tuple[str, str], int]:
+    """Move the cached totals in a fixed order (so two writers never deadlock) and return the
+    new balances. The UPDATE itself holds the row lock and re-checks the floor."""
+    balances: dict[tuple[str, str], int] = {}
+    for (currency, name), (credits, debits) in sorted(deltas.items()):
+        delta = credits - debits
+        account = models.Account
+        stmt = (
+            update(account)
+            .where(account.currency == currency, account.name == name)
+            .values(
+                balance=account.balance + delta,
+                credit_total=account.credit_total + credits,
+                debit_total=account.debit_total + debits,
+            )
+            .returning(account.balance)
+        )
+        if name in NON_NEGATIVE_ACCOUNTS and delta < 0:
+            stmt = stmt.where(account.balance + delta >= 0)
+        balance = session.execute(stmt).scalar_one_or_none()
+        if balance is None:
+            current = account_balance(session, currency, name)
+            raise FailedPrecondition(
+                f"{name} of {currency} has balance {current}, less than the {-delta} to be "
+                "taken from it"
+            )
+        balances[(currency, name)] = int(balance)
+    return balances
+
+
+def account_balance(session: Session, currency: str, name: str) -> int:
+    balance = session.scalar(
+        select(models.Account.balance).where(
+            models.Account.currency == currency, models.Account.name == name
+        )
+    )
+    if balance is None:
+        raise NotFound(f"currency {currency!r} has no account {name!r}")
+    return int(balance)
+
+
+def lock_accounts(session: Session, currency: str, names: Sequence[str]) -> dict[str, int]:
+    """Lock system accounts of a currency (in name order) and return their balances."""
+    query = (
+        select(models.Account.name, models.Account.balance)
+        .where(models.Account.currency == currency, models.Account.name.in_(sorted(names)))
+        .order_by(models.Account.name)
+    )
+    if session.get_bind().dialect.name != "sqlite":
+        query = query.with_for_update()
+    return {name: int(balance) for name, balance in session.execute(query)}
+
+
+def stored_entry(row: models.Entry) -> StoredEntry:
+    t = Transfer(
+        EntryKind(row.kind),
+        row.currency,
+        row.reference,
+        row.debit_account,
+        row.credit_account,
+        row.amount,
+        row.memo,
+    )
+    return StoredEntry(
+        row.id, t.kind, t.currency, t.reference, t.postings(), row.created_at_us, row.memo
+    )
+
+
+def load_entry(session: Session, entry_id: int) -> StoredEntry:
+    row = session.get(models.Entry, entry_id)
+    assert row is not None, f"entry {entry_id} is referenced but missing"
+    return stored_entry(row)

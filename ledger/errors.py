@@ -1,0 +1,32 @@
+"""The domain's exception tree; the server maps each class to one gRPC status, in one table."""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Base of every error the domain raises on purpose; the message is shown to the caller."""
+
+
+class InvalidArgument(LedgerError):
+    """A malformed or out-of-range field: names the field and the value."""
+
+    def __init__(self, field: str, value: object, problem: str) -> None:
+        super().__init__(f"{field}: {problem} (got {value!r})")
+        self.field = field
+        self.value = value
+
+
+class NotFound(LedgerError):
+    """An unknown currency, contract or cycle."""
+
+
+class AlreadyExists(LedgerError):
+    """An id reused with other content, or a currency re-created with another scale."""
+
+
+class FailedPrecondition(LedgerError):
+    """A rule of the ledger's state: a balance, a closed cycle, a contract's currency."""
+
+
+class ResourceExhausted(LedgerError):
+    """A request above a configured limit (positions in a cycle)."""

@@ -1,0 +1,115 @@
+"""Double-entry rules: entry kinds, account names, postings that sum to zero.
+
+Every flow in this ledger moves one amount from one account to another, so an entry is stored
+as a transfer (debit account, credit account, amount > 0) and read back as two signed postings:
+the debit account −amount, the credit account +amount. Entries are append-only: corrections are
+new entries, and no code path updates or deletes one.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ledger.errors import InvalidArgument
+from ledger.limits import INT64_MAX, INT64_MIN, UINT64_MAX
+
+
+class EntryKind(enum.IntEnum):
+    """Numbers are those of insurance.v1.EntryKind."""
+
+    FUND_DEPOSIT = 1
+    FUND_WITHDRAWAL = 2
+    LIQUIDATION_PROFIT = 3
+    LIQUIDATION_LOSS = 4
+    INSURANCE_COVER = 5
+    ALLOCATION = 6
+    UNCOVERED_LOSS = 7
+
+
+INSURANCE_FUND = "insurance_fund"
+LIQUIDATION_ENGINE = "liquidation_engine"
+SYSTEM_LOSS = "system_loss"
+UNCOVERED_LOSS = "uncovered_loss"
+EXTERNAL = "external"
+SYSTEM_ACCOUNTS = (INSURANCE_FUND, LIQUIDATION_ENGINE, SYSTEM_LOSS, UNCOVERED_LOSS, EXTERNAL)
+# Accounts whose balance may never go below zero.
+NON_NEGATIVE_ACCOUNTS = frozenset({INSURANCE_FUND})
+
+_USER_ACCOUNT = re.compile(r"user:(0|[1-9][0-9]{0,19})")
+
+
+def user_account(account_id: int) -> str:
+    return f"user:{account_id}"
+
+
+def parse_account(field: str, name: str) -> str:
+    """Accept a system account name or `user:<account_id>` with a u64 id."""
+    if name in SYSTEM_ACCOUNTS:
+        return name
+    match = _USER_ACCOUNT.fullmatch(name)
+    if match is None or int(match.group(1)) > UINT64_MAX:
+        raise InvalidArgument(
+            field, name, f"must be one of {', '.join(SYSTEM_ACCOUNTS)} or user:<account_id>"
+        )
+    return name
+
+
+def user_account_id(name: str) -> int | None:
+    match = _USER_ACCOUNT.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    account: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """One journal entry in its stored form: `amount` moves from `debit` to `credit`."""
+
+    kind: EntryKind
+    currency: str
+    reference: str
+    debit: str
+    credit: str
+    amount: int
+    memo: str = ""
+
+    def postings(self) -> tuple[Posting, Posting]:
+        return Posting(self.debit, -self.amount), Posting(self.credit, self.amount)
+
+
+def transfer(
+    kind: EntryKind,
+    currency: str,
+    reference: str,
+    debit: str,
+    credit: str,
+    amount: int,
+    memo: str = "",
+) -> Transfer:
+    """Build an entry and check it before anything is written."""
+    entry = Transfer(kind, currency, reference, debit, credit, amount, memo)
+    check_postings(entry.postings())
+    if debit == credit:
+        raise AssertionError(f"entry {kind.name} moves {amount} from {debit} to itself")
+    return entry
+
+
+def check_postings(postings: Sequence[Posting]) -> None:
+    """The double-entry invariant: at least two postings, each a non-zero int64, sum zero."""
+    if len(postings) < 2:
+        raise AssertionError(f"an entry needs at least two postings, got {len(postings)}")
+    for posting in postings:
+        if posting.amount == 0:
+            raise AssertionError(f"zero posting to {posting.account}")
+        if not INT64_MIN <= posting.amount <= INT64_MAX:
+            raise InvalidArgument("amount", posting.amount, "does not fit a signed 64-bit integer")
+    total = sum(p.amount for p in postings)
+    if total != 0:
+        raise AssertionError(f"postings sum to {total}, not zero: {postings}")

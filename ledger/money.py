@@ -1,0 +1,103 @@
+"""Currencies, decimal strings and integer minor units: the only place text becomes a number."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from fractions import Fraction
+
+from ledger.errors import InvalidArgument
+from ledger.limits import (
+    CURRENCY_CODE_LENGTH_MAX,
+    DECIMAL_DIGITS_MAX,
+    DECIMAL_PLACES_MAX,
+    ID_LENGTH_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    SCALE_MAX,
+)
+
+_CURRENCY_CODE = re.compile(rf"[A-Z0-9]{{1,{CURRENCY_CODE_LENGTH_MAX}}}")
+# Plain decimal: digits, optionally a point and 1..18 digits. No sign, no exponent, no spaces.
+_DECIMAL = re.compile(rf"(\d+)(?:\.(\d{{1,{DECIMAL_PLACES_MAX}}}))?")
+
+
+def currency_code(field: str, code: str) -> str:
+    """A currency code is 1 to 16 characters of A-Z0-9, exactly as given (no case folding)."""
+    if not _CURRENCY_CODE.fullmatch(code):
+        raise InvalidArgument(field, code, "must be 1 to 16 characters of A-Z0-9")
+    return code
+
+
+def scale(field: str, value: int) -> int:
+    if not 0 <= value <= SCALE_MAX:
+        raise InvalidArgument(field, value, f"must be 0 to {SCALE_MAX}")
+    return value
+
+
+def identifier(field: str, value: str) -> str:
+    """Ids are opaque non-empty strings of bounded length without control characters."""
+    if not value:
+        raise InvalidArgument(field, value, "must not be empty")
+    if len(value) > ID_LENGTH_MAX:
+        raise InvalidArgument(field, value, f"must be at most {ID_LENGTH_MAX} characters")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise InvalidArgument(field, value, "must not contain control characters")
+    return value
+
+
+def parse_decimal(field: str, text: str) -> Decimal:
+    """Parse a non-negative decimal string exactly; reject signs, exponents, > 18 places."""
+    match = _DECIMAL.fullmatch(text)
+    if match is None:
+        if "." in text and re.fullmatch(r"\d+\.\d+", text):
+            raise InvalidArgument(field, text, f"more than {DECIMAL_PLACES_MAX} decimal places")
+        raise InvalidArgument(
+            field, text, "must be a plain decimal such as 0.2 or 64123.5 (no sign or exponent)"
+        )
+    digits = len(match.group(1)) + len(match.group(2) or "")
+    if digits > DECIMAL_DIGITS_MAX:
+        raise InvalidArgument(field, text, f"more than {DECIMAL_DIGITS_MAX} digits")
+    return Decimal(text)
+
+
+def positive_decimal(field: str, text: str) -> Decimal:
+    value = parse_decimal(field, text)
+    if value <= 0:
+        raise InvalidArgument(field, text, "must be greater than 0")
+    return value
+
+
+def ratio(field: str, text: str, *, zero_allowed: bool) -> Decimal:
+    """A ratio in [0, 1] (or (0, 1] when zero is not allowed), kept as the caller wrote it."""
+    value = parse_decimal(field, text)
+    low = "0 ≤" if zero_allowed else "0 <"
+    if value > 1 or (value == 0 and not zero_allowed):
+        raise InvalidArgument(field, text, f"must satisfy {low} {field} ≤ 1")
+    return value
+
+
+def canonical(value: Decimal) -> str:
+    """The shortest plain form of a decimal: 0.20 → "0.2", 1.000 → "1"; never an exponent."""
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def as_fraction(value: Decimal) -> Fraction:
+    return Fraction(value)
+
+
+def minor_units(field: str, value: int) -> int:
+    """An amount of minor units must fit a signed 64-bit integer."""
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidArgument(field, value, "does not fit a signed 64-bit integer")
+    return value
+
+
+def positive_amount(field: str, value: int) -> int:
+    minor_units(field, value)
+    if value <= 0:
+        raise InvalidArgument(field, value, "must be greater than 0")
+    return value

@@ -1,0 +1,33 @@
+"""One table from domain exception to gRPC status."""
+
+from __future__ import annotations
+
+import grpc
+
+from ledger.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    LedgerError,
+    NotFound,
+    ResourceExhausted,
+)
+
+STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def status_for(error: Exception) -> grpc.StatusCode | None:
+    """The status of a domain error, or None for an unexpected one (INTERNAL, logged)."""
+    for cls in type(error).__mro__:
+        code = STATUS_BY_ERROR.get(cls)
+        if code is not None:
+            return code
+    if isinstance(error, LedgerError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return None

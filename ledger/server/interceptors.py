@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -16,7 +16,13 @@ log = logging.getLogger("ledger.calls")
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 
-class CallInterceptor(grpc.ServerInterceptor[Any, Any]):
+if TYPE_CHECKING:  # generic only in grpc-stubs; at runtime the class takes no parameters
+    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.ServerInterceptor
+
+
+class CallInterceptor(_ServerInterceptor):
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],

@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         default=int(os.environ.get("LEDGER_CYCLE_POSITIONS_MAX", "50000000")),
         help="positions a cycle close may stream before RESOURCE_EXHAUSTED",
     )
+    serve_cmd.add_argument(
+        "--group-commit",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("LEDGER_GROUP_COMMIT", "1") not in ("0", "false", "no"),
+        help="gather concurrent liquidations into one transaction (env LEDGER_GROUP_COMMIT)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("LEDGER_LOG_LEVEL", "INFO"),
@@ -46,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         database_url=args.database_url,
         threads=args.threads,
         cycle_positions_max=args.cycle_positions_max,
+        group_commit=args.group_commit,
     )
     return serve(settings)
 

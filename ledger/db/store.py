@@ -15,7 +15,14 @@ from sqlalchemy.orm import Session
 
 from ledger.db import models
 from ledger.errors import FailedPrecondition, NotFound
-from ledger.journal import NON_NEGATIVE_ACCOUNTS, SYSTEM_ACCOUNTS, EntryKind, Posting, Transfer
+from ledger.journal import (
+    NON_NEGATIVE_ACCOUNTS,
+    SYSTEM_ACCOUNTS,
+    SYSTEM_LOSS,
+    EntryKind,
+    Posting,
+    Transfer,
+)
 
 
 def now_us() -> int:
@@ -56,9 +63,11 @@ def post(session: Session, transfers: Sequence[Transfer], created_at_us: int) ->
     """
     if not transfers:
         return []
+    # Lock order everywhere: system_loss rows, then the other accounts by name, then the id
+    # counter last (see lock_system_loss), so that no two writers ever wait on each other.
+    apply_deltas(session, account_deltas(transfers))
     first = reserve_entry_ids(session, len(transfers))
     ids = list(range(first, first + len(transfers)))
-    apply_deltas(session, account_deltas(transfers))
     session.execute(
         insert(models.Entry),
         [
@@ -131,16 +140,33 @@ def account_balance(session: Session, currency: str, name: str) -> int:
     return int(balance)
 
 
-def lock_accounts(session: Session, currency: str, names: Sequence[str]) -> dict[str, int]:
-    """Lock system accounts of a currency (in name order) and return their balances."""
-    query = (
-        select(models.Account.name, models.Account.balance)
-        .where(models.Account.currency == currency, models.Account.name.in_(sorted(names)))
-        .order_by(models.Account.name)
+def lock_system_loss(session: Session, currencies: Sequence[str]) -> None:
+    """Take the system_loss rows of these currencies first, in code order.
+
+    A cycle close and every liquidation batch of a currency take this row before anything
+    else, so a liquidation either lands before a close reads the cycle's loss or sees the
+    cycle closed; and since every writer takes system_loss rows first, accounts next (by
+    currency and name) and the id counter last, no two writers wait on each other in a cycle.
+    """
+    if not currencies or session.get_bind().dialect.name == "sqlite":
+        return  # SQLite: BEGIN IMMEDIATE already serialises writers
+    session.execute(
+        select(models.Account.id)
+        .where(models.Account.currency.in_(sorted(set(currencies))))
+        .where(models.Account.name == SYSTEM_LOSS)
+        .order_by(models.Account.currency)
+        .with_for_update()
+    ).all()
+
+
+def lock_account(session: Session, currency: str, name: str) -> int:
+    """Lock one system account row and return its balance."""
+    query = select(models.Account.balance).where(
+        models.Account.currency == currency, models.Account.name == name
     )
     if session.get_bind().dialect.name != "sqlite":
         query = query.with_for_update()
-    return {name: int(balance) for name, balance in session.execute(query)}
+    return int(session.execute(query).scalar_one())
 
 
 def stored_entry(row: models.Entry) -> StoredEntry:

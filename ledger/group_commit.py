@@ -1,0 +1,125 @@
+"""Group commit: concurrent requests share one database transaction and one durable commit.
+
+Callers block in `submit` until the batch holding their request has committed, so every reply
+still follows its own durable write. A request's own rule failure (a conflicting id, a closed
+cycle) is returned by the batch function for that request alone and never fails its
+batch-mates; an unexpected failure of a whole batch is retried, then each request is run in a
+transaction of its own so that only the request at fault fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from ledger.db.session import Database
+
+log = logging.getLogger("ledger.group_commit")
+
+Request = TypeVar("Request")
+Result = TypeVar("Result")
+
+# What a batch function returns for each request: its result, or the error that is its alone.
+BatchFn = Callable[[Session, Sequence[Request]], list[Result | Exception]]
+
+BATCH_REQUESTS_MAX = 1024
+BATCH_ATTEMPTS_MAX = 3  # a batch that hit a concurrent writer's row (another process) re-reads
+
+
+@dataclass
+class _Job(Generic[Request, Result]):
+    request: Request
+    future: Future[Result] = field(default_factory=Future)
+
+
+class GroupCommitter(Generic[Request, Result]):
+    """One writer thread per process gathers what is queued into one transaction."""
+
+    def __init__(
+        self,
+        database: Database,
+        batch_fn: BatchFn[Request, Result],
+        *,
+        enabled: bool = True,
+        name: str = "group-commit",
+    ) -> None:
+        self._db = database
+        self._batch_fn = batch_fn
+        self._enabled = enabled
+        self._queue: queue.SimpleQueue[_Job[Request, Result] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        if enabled:
+            self._thread = threading.Thread(target=self._run_forever, name=name, daemon=True)
+            self._thread.start()
+
+    def submit(self, request: Request) -> Result:
+        """Return the request's result once its batch is durable, or raise its error."""
+        job: _Job[Request, Result] = _Job(request)
+        if self._enabled:
+            self._queue.put(job)
+        else:
+            self._run_batch([job])
+        return job.future.result()
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the writer."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run_forever(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < BATCH_REQUESTS_MAX:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Job[Request, Result]]) -> None:
+        for attempt in range(1, BATCH_ATTEMPTS_MAX + 1):
+            try:
+                with self._db.write() as session:
+                    outcomes = self._batch_fn(session, [job.request for job in batch])
+            except DBAPIError as error:
+                log.warning("batch of %d failed (attempt %d): %s", len(batch), attempt, error)
+                continue
+            except Exception as error:
+                if len(batch) == 1:
+                    batch[0].future.set_exception(error)
+                    return
+                log.exception("batch of %d failed; running its requests one by one", len(batch))
+                break
+            for job, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
+            return
+        if len(batch) == 1:
+            batch[0].future.set_exception(
+                RuntimeError("the database kept refusing this write; try again")
+            )
+            return
+        for job in batch:
+            self._run_batch([job])

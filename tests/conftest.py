@@ -63,6 +63,7 @@ class Client:
     admin: pb_grpc.AdminStub
     clearing: pb_grpc.ClearingStub
     query: pb_grpc.QueryStub
+    target: str = ""
 
     @classmethod
     def connect(cls, target: str) -> Client:
@@ -79,6 +80,7 @@ class Client:
             pb_grpc.AdminStub(channel),
             pb_grpc.ClearingStub(channel),
             pb_grpc.QueryStub(channel),
+            target,
         )
 
 

@@ -1,0 +1,188 @@
+"""`ledger serve` as a real process, on SQLite and PostgreSQL.
+
+Proves that the console script starts from command-line options and from LEDGER_LISTEN /
+LEDGER_DATABASE_URL; reports SERVING on the standard health service; lists the three
+insurance.v1 services through server reflection (what grpcurl and ghz rely on); on SIGTERM
+lets an in-flight call finish and then exits 0, as it does on SIGINT; keeps every entry
+across a restart on the same database; and writes one log line per call with the method,
+the status and the duration.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sqlalchemy import create_engine, text
+
+from ledger.api.v1 import insurance_pb2 as pb
+from tests.conftest import Client
+from tests.test_admin import DEPOSIT, WITHDRAW, transfer, usd
+
+STARTUP_SECONDS = 30
+EXIT_SECONDS = 30
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_serving(process: subprocess.Popen[bytes], port: int, stderr: Path) -> None:
+    """Poll the health service until the whole server reports SERVING."""
+    deadline = time.monotonic() + STARTUP_SECONDS
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{stderr.read_text()}")
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not SERVING after {STARTUP_SECONDS}s:\n{stderr.read_text()}")
+            time.sleep(0.05)
+
+
+@contextmanager
+def ledger_serve(
+    command: list[str], directory: Path, port: int, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Run the server process in `directory`; the caller stops it, this only cleans up."""
+    directory.mkdir(exist_ok=True)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    stderr = directory / f"stderr-{port}.log"
+    with (directory / f"stdout-{port}.log").open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen(
+            command,
+            cwd=directory,
+            env={**clean, "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdout=out,
+            stderr=err,
+        )
+        try:
+            wait_serving(process, port, stderr)
+            yield process, stderr
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+@contextmanager
+def database_lock(database_url: str) -> Iterator[None]:
+    """Hold the entry-id counter's row (and on SQLite the write lock) so that a posting call
+    stays in flight until the block ends."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(
+                text("UPDATE counters SET next_value = next_value WHERE name = 'entry_id'")
+            )
+            yield
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def all_entries(client: Client, currency: str = "USD") -> list[pb.Entry]:
+    request = pb.ListEntriesRequest(currency=currency, account="insurance_fund", page_size=1000)
+    return list(client.query.ListEntries(request).entries)
+
+
+def test_serve_stops_gracefully_and_restarts_on_the_same_database(
+    database_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    cli = [sys.executable, "-m", "ledger.cli", "serve"]
+    command = [*cli, "--listen", f"127.0.0.1:{port}", "--database-url", database_url]
+    workdir = tmp_path / "workdir"  # where the default database would go
+    with ledger_serve(command, workdir, port) as (process, stderr):
+        client = Client.connect(f"127.0.0.1:{port}")
+        try:
+            usd(client)
+            posted = [transfer(client, f"d-{i}", DEPOSIT, 100 + i) for i in range(5)]
+            posted.append(transfer(client, "w-0", WITHDRAW, 50))
+            with pytest.raises(grpc.RpcError) as rejected:
+                transfer(client, "", DEPOSIT, 1)
+            assert rejected.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+            with database_lock(database_url):
+                in_flight = client.admin.TransferFund.future(
+                    pb.TransferFundRequest(
+                        transfer_id="in-flight", currency="USD", direction=DEPOSIT, amount=7
+                    )
+                )
+                time.sleep(0.5)
+                assert not in_flight.done(), "the call was not held by the lock"
+                process.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                assert process.poll() is None, "the server exited with a call in flight"
+                assert not in_flight.done()
+            posted.append(in_flight.result(timeout=EXIT_SECONDS))
+            assert process.wait(timeout=EXIT_SECONDS) == 0
+        finally:
+            client.channel.close()
+        log = stderr.read_text()
+
+    # One log line per call, with the method, the status and the duration.
+    calls = re.findall(r"method=(\S+) status=(\S+) duration_ms=\d+\.\d+", log)
+    transfers = [status for method, status in calls if method.endswith("/TransferFund")]
+    assert sorted(transfers) == sorted(["OK"] * 7 + ["INVALID_ARGUMENT"])
+    assert ("/insurance.v1.Admin/CreateCurrency", "OK") in calls
+
+    # The console script again, on another port, configured by environment variables alone.
+    port = free_port()
+    script = str(Path(sys.executable).with_name("ledger"))
+    env = {"LEDGER_LISTEN": f"127.0.0.1:{port}", "LEDGER_DATABASE_URL": database_url}
+    with ledger_serve([script, "serve"], workdir, port, env) as (process, stderr):
+        client = Client.connect(f"127.0.0.1:{port}")
+        try:
+            assert all_entries(client) == posted[::-1]
+            assert client.query.GetFund(pb.GetFundRequest(currency="USD")).balance == 467
+            assert not (workdir / "ledger.db").exists(), "the default database was used"
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=EXIT_SECONDS) == 0
+        finally:
+            client.channel.close()
+
+
+def test_reflection_lists_the_services(database_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    command = [
+        *[sys.executable, "-m", "ledger.cli", "serve"],
+        *["--listen", f"127.0.0.1:{port}", "--database-url", database_url],
+    ]
+    with ledger_serve(command, tmp_path / "workdir", port) as (process, _):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            requests = [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(
+                    file_containing_symbol="insurance.v1.Clearing"
+                ),
+            ]
+            listed, described = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
+        names = {s.name for s in listed.list_services_response.service}
+        assert {"insurance.v1.Admin", "insurance.v1.Clearing", "insurance.v1.Query"} <= names
+        assert "grpc.health.v1.Health" in names
+        files = described.file_descriptor_response.file_descriptor_proto
+        assert files, described
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=EXIT_SECONDS) == 0

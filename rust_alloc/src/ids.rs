@@ -27,50 +27,30 @@ impl IdOrder {
     }
 }
 
-struct Scan {
-    min: u64,
-    max: u64,
-    ascending: bool,
-    first: u64,
-    last: u64,
-}
-
 /// Checks `ids` for duplicates; `Err(id)` names the smallest duplicated position_id.
 /// Requires `ids.len() <= u32::MAX` (indices are stored as u32).
 pub(crate) fn order_ids(ids: &[u64]) -> Result<IdOrder, u64> {
     debug_assert!(ids.len() <= u32::MAX as usize);
-    let Some(scan) = scan(ids) else {
-        return Ok(IdOrder::Ascending);
-    };
-    if scan.ascending {
+    if is_ascending(ids) {
         return Ok(IdOrder::Ascending);
     }
-    let span = u128::from(scan.max - scan.min);
+    let min = *ids.par_iter().min().expect("unordered ids are not empty");
+    let max = *ids.par_iter().max().expect("unordered ids are not empty");
+    let span = u128::from(max - min);
     if span < 2 * ids.len() as u128 {
-        if let Some(order) = slot_order(ids, scan.min, span as usize + 1) {
+        if let Some(order) = slot_order(ids, min, span as usize + 1) {
             return Ok(IdOrder::Permutation(order));
         }
     }
     sorted_order(ids).map(IdOrder::Permutation)
 }
 
-fn scan(ids: &[u64]) -> Option<Scan> {
-    let parts: Vec<Scan> = ids
-        .par_chunks(CHUNK_LEN)
-        .map(|chunk| Scan {
-            min: *chunk.iter().min().expect("chunks are non-empty"),
-            max: *chunk.iter().max().expect("chunks are non-empty"),
-            ascending: chunk.windows(2).all(|w| w[0] < w[1]),
-            first: chunk[0],
-            last: chunk[chunk.len() - 1],
-        })
-        .collect();
-    parts.into_iter().reduce(|a, b| Scan {
-        min: a.min.min(b.min),
-        max: a.max.max(b.max),
-        ascending: a.ascending && b.ascending && a.last < b.first,
-        first: a.first,
-        last: b.last,
+/// Strictly ascending, checked by chunks plus the pair across each chunk boundary.
+fn is_ascending(ids: &[u64]) -> bool {
+    let ascending = |part: &[u64]| part.windows(2).all(|pair| pair[0] < pair[1]);
+    ids.par_chunks(CHUNK_LEN).enumerate().all(|(chunk, part)| {
+        let start = chunk * CHUNK_LEN;
+        ascending(part) && (start == 0 || ids[start - 1] < ids[start])
     })
 }
 

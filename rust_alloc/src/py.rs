@@ -1,9 +1,190 @@
 //! PyO3 bindings: conversions, GIL release and error mapping only.
 
+use numpy::IntoPyArray;
+use pyo3::buffer::{Element, PyBuffer};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use crate::{allocate as allocate_core, AllocError, Allocation, Policy, Positions};
+
+pyo3::create_exception!(
+    _alloc,
+    AllocationError,
+    PyValueError,
+    "The allocation's input is invalid (the server answers INVALID_ARGUMENT)."
+);
+pyo3::create_exception!(
+    _alloc,
+    ColumnLengthError,
+    AllocationError,
+    "Columns of unequal length."
+);
+pyo3::create_exception!(
+    _alloc,
+    DuplicatePositionError,
+    AllocationError,
+    "A repeated position_id."
+);
+pyo3::create_exception!(
+    _alloc,
+    NegativeAmountError,
+    AllocationError,
+    "A negative loss or balance."
+);
+pyo3::create_exception!(
+    _alloc,
+    RatioError,
+    AllocationError,
+    "A malformed or out-of-range ratio."
+);
+pyo3::create_exception!(
+    _alloc,
+    ColumnTypeError,
+    AllocationError,
+    "A column of the wrong type."
+);
+pyo3::create_exception!(
+    _alloc,
+    PositionLimitError,
+    PyException,
+    "More positions than allowed (the server answers RESOURCE_EXHAUSTED)."
+);
+pyo3::create_exception!(
+    _alloc,
+    AllocationInvariantError,
+    PyRuntimeError,
+    "A result check failed: a bug, not bad input (the server answers INTERNAL)."
+);
+
+/// The one mapping from the core's errors to Python exceptions.
+fn to_py(error: AllocError) -> PyErr {
+    let message = error.to_string();
+    match error {
+        AllocError::ColumnLengths { .. } => ColumnLengthError::new_err(message),
+        AllocError::DuplicatePositionId(_) => DuplicatePositionError::new_err(message),
+        AllocError::NegativeLoss(_) | AllocError::NegativeFundBalance(_) => {
+            NegativeAmountError::new_err(message)
+        }
+        AllocError::Ratio { .. } => RatioError::new_err(message),
+        AllocError::TooManyPositions { .. } => PositionLimitError::new_err(message),
+        AllocError::InvariantBroken(_) => AllocationInvariantError::new_err(message),
+    }
+}
+
+/// A read-only view of a C-contiguous buffer of `T`, held for the duration of the call.
+struct Column<T: Element> {
+    buffer: PyBuffer<T>,
+}
+
+impl<T: Element> Column<T> {
+    fn get(name: &str, dtype: &str, object: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let wrong = || {
+            ColumnTypeError::new_err(format!(
+                "{name} must be a C-contiguous buffer of {dtype} (e.g. a numpy {dtype} array)"
+            ))
+        };
+        let buffer = PyBuffer::<T>::get(object).map_err(|_| wrong())?;
+        if buffer.dimensions() > 1 || buffer.as_slice_ptr().is_none() {
+            return Err(wrong());
+        }
+        Ok(Self { buffer })
+    }
+
+    /// The elements. Sound while `self` lives, provided the owner does not mutate the buffer
+    /// concurrently (documented in `ledger.alloc`: the columns are read-only during a call).
+    fn slice(&self) -> &[T] {
+        let pointer = self
+            .buffer
+            .as_slice_ptr()
+            .expect("checked C-contiguous in get");
+        // SAFETY: the buffer is held (pinned) by `self.buffer`, contiguous and typed as T.
+        unsafe { pointer.as_ref() }
+    }
+}
+
+pub(crate) fn policy(insurance_share: &str, coverage_ratio: &str) -> PyResult<Policy> {
+    Policy::parse(insurance_share, coverage_ratio).map_err(to_py)
+}
+
+/// The result as (summary tuple, position_id, account_id, pnl, amount).
+pub(crate) fn result_to_py<'py>(
+    py: Python<'py>,
+    allocation: Allocation,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let s = allocation.summary;
+    let summary = (
+        s.fund_share,
+        s.fund_paid,
+        s.user_due,
+        s.positions_total,
+        s.profitable_count,
+        s.profit_total,
+        s.cutoff_pnl,
+        s.participant_count,
+        s.participant_profit,
+        s.widened,
+        s.allocated_total,
+        s.uncovered,
+    )
+        .into_pyobject(py)?;
+    let columns: [Bound<'py, PyAny>; 4] = [
+        allocation.position_id.into_pyarray(py).into_any(),
+        allocation.account_id.into_pyarray(py).into_any(),
+        allocation.pnl.into_pyarray(py).into_any(),
+        allocation.amount.into_pyarray(py).into_any(),
+    ];
+    let [position_id, account_id, pnl, amount] = columns;
+    PyTuple::new(
+        py,
+        [summary.into_any(), position_id, account_id, pnl, amount],
+    )
+}
+
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn allocate<'py>(
+    py: Python<'py>,
+    loss: i64,
+    fund_balance: i64,
+    insurance_share: &str,
+    coverage_ratio: &str,
+    position_id: &Bound<'py, PyAny>,
+    account_id: &Bound<'py, PyAny>,
+    pnl: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let policy = policy(insurance_share, coverage_ratio)?;
+    let position_id = Column::<u64>::get("position_id", "uint64", position_id)?;
+    let account_id = Column::<u64>::get("account_id", "uint64", account_id)?;
+    let pnl = Column::<i64>::get("pnl", "int64", pnl)?;
+    let positions = Positions {
+        position_id: position_id.slice(),
+        account_id: account_id.slice(),
+        pnl: pnl.slice(),
+    };
+    let allocation = py.detach(|| allocate_core(loss, fund_balance, policy, positions));
+    result_to_py(py, allocation.map_err(to_py)?)
+}
 
 #[pymodule]
 fn _alloc(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("POSITIONS_MAX", crate::POSITIONS_MAX)?;
+    m.add_function(wrap_pyfunction!(allocate, m)?)?;
+    m.add("AllocationError", py.get_type::<AllocationError>())?;
+    m.add("ColumnLengthError", py.get_type::<ColumnLengthError>())?;
+    m.add("ColumnTypeError", py.get_type::<ColumnTypeError>())?;
+    m.add(
+        "DuplicatePositionError",
+        py.get_type::<DuplicatePositionError>(),
+    )?;
+    m.add("NegativeAmountError", py.get_type::<NegativeAmountError>())?;
+    m.add("RatioError", py.get_type::<RatioError>())?;
+    m.add("PositionLimitError", py.get_type::<PositionLimitError>())?;
+    m.add(
+        "AllocationInvariantError",
+        py.get_type::<AllocationInvariantError>(),
+    )?;
     Ok(())
 }

@@ -17,6 +17,8 @@ pub enum RatioProblem {
     Malformed,
     /// Well formed but above 1.
     AboveOne,
+    /// Zero where the ratio must be positive (the coverage ratio).
+    Zero,
 }
 
 impl Ratio {
@@ -34,7 +36,7 @@ impl Ratio {
         let digits_only = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
         let fraction_ok = fraction.len() <= RATIO_DECIMALS_MAX
             && digits_only(fraction)
-            && (fraction.is_empty() == !text.contains('.'));
+            && (fraction.is_empty() != text.contains('.'));
         if whole.is_empty() || !digits_only(whole) || !fraction_ok {
             return Err(RatioProblem::Malformed);
         }
@@ -86,18 +88,35 @@ mod tests {
     fn parses_exact_decimals() {
         assert_eq!(Ratio::parse("0.2"), Ok(Ratio { num: 2, den: 10 }));
         assert_eq!(Ratio::parse("1"), Ok(Ratio { num: 1, den: 1 }));
-        assert_eq!(Ratio::parse("1.000"), Ok(Ratio { num: 1000, den: 1000 }));
+        assert_eq!(
+            Ratio::parse("1.000"),
+            Ok(Ratio {
+                num: 1000,
+                den: 1000
+            })
+        );
         assert_eq!(Ratio::parse("000.5"), Ok(Ratio { num: 5, den: 10 }));
         let tiny = Ratio::parse("0.000000000000000001").unwrap();
-        assert_eq!(tiny, Ratio { num: 1, den: 1_000_000_000_000_000_000 });
+        assert_eq!(
+            tiny,
+            Ratio {
+                num: 1,
+                den: 1_000_000_000_000_000_000
+            }
+        );
     }
 
     #[test]
     fn rejects_malformed_and_out_of_range() {
-        for text in ["", ".", "1.", ".5", "-0.1", "+0.1", "0.1e1", " 0.1", "0,1", "0.1.1", "nan"] {
+        for text in [
+            "", ".", "1.", ".5", "-0.1", "+0.1", "0.1e1", " 0.1", "0,1", "0.1.1", "nan",
+        ] {
             assert_eq!(Ratio::parse(text), Err(RatioProblem::Malformed), "{text:?}");
         }
-        assert_eq!(Ratio::parse("0.0000000000000000001"), Err(RatioProblem::Malformed));
+        assert_eq!(
+            Ratio::parse("0.0000000000000000001"),
+            Err(RatioProblem::Malformed)
+        );
         for text in ["1.000000000000000001", "2", "10", "99999999999999999999999"] {
             assert_eq!(Ratio::parse(text), Err(RatioProblem::AboveOne), "{text:?}");
         }
@@ -109,10 +128,16 @@ mod tests {
         assert_eq!(fifth.mul_round_half_up(1000), 200);
         assert_eq!(fifth.mul_round_half_up(12), 2); // 2.4
         assert_eq!(Ratio::parse("0.5").unwrap().mul_round_half_up(5), 3); // 2.5 -> 3
-        assert_eq!(Ratio::parse("1").unwrap().mul_round_half_up(u64::MAX), u64::MAX);
+        assert_eq!(
+            Ratio::parse("1").unwrap().mul_round_half_up(u64::MAX),
+            u64::MAX
+        );
         assert_eq!(fifth.mul_ceil(11), 3);
         assert_eq!(fifth.mul_ceil(10), 2);
         let big = Ratio::new(u64::MAX - 1, u64::MAX).unwrap();
-        assert_eq!(big.mul_ceil(u128::MAX), u128::MAX - u128::MAX / u128::from(u64::MAX));
+        assert_eq!(
+            big.mul_ceil(u128::MAX),
+            u128::MAX - u128::MAX / u128::from(u64::MAX)
+        );
     }
 }

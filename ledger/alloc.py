@@ -1,0 +1,160 @@
+"""The loss allocation: the only importer of the native ``ledger._alloc`` module.
+
+``allocate`` hands the three position columns to the Rust core as buffers (numpy arrays,
+``array.array('Q'/'q')``, ``memoryview(...).cast('Q')``: anything exporting the buffer protocol
+with the right dtype, C-contiguous), so millions of positions cross without a copy, and the
+core runs with the GIL released. The columns must not be mutated while a call runs.
+
+Money is integer minor units; the ratios are exact decimals (``str`` or ``Decimal``), never
+floats. ``profit_total`` and ``participant_profit`` are Python ints that can exceed int64 (a
+sum of many int64 profits); every other amount fits int64.
+
+Errors: ``AllocationError`` (a ``ValueError``) and its subclasses for invalid input, which the
+server answers with INVALID_ARGUMENT; ``PositionLimitError`` for too many positions
+(RESOURCE_EXHAUSTED); ``AllocationInvariantError`` (a ``RuntimeError``) if a result check fails,
+which is a bug (INTERNAL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+import numpy as np
+import numpy.typing as npt
+
+from ledger import _alloc
+from ledger._alloc import (
+    POSITIONS_MAX,
+    AllocationError,
+    AllocationInvariantError,
+    ColumnLengthError,
+    ColumnTypeError,
+    DuplicatePositionError,
+    NegativeAmountError,
+    PositionLimitError,
+    RatioError,
+)
+
+__all__ = [
+    "POSITIONS_MAX",
+    "AllocationError",
+    "AllocationInvariantError",
+    "AllocationResult",
+    "ColumnLengthError",
+    "ColumnTypeError",
+    "DuplicatePositionError",
+    "NegativeAmountError",
+    "PositionLimitError",
+    "RatioError",
+    "allocate",
+]
+
+Ratio = str | Decimal
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AllocationResult:
+    """A cycle's allocation: the totals, then the allocations (participants with amount > 0)
+    as columns in ascending position_id order."""
+
+    fund_share: int
+    fund_paid: int
+    user_due: int
+    positions_total: int
+    profitable_count: int
+    profit_total: int
+    cutoff_pnl: int
+    participant_count: int
+    participant_profit: int
+    widened: bool
+    allocated_total: int
+    uncovered: int
+    position_id: npt.NDArray[np.uint64]
+    account_id: npt.NDArray[np.uint64]
+    pnl: npt.NDArray[np.int64]
+    amount: npt.NDArray[np.int64]
+
+    @property
+    def allocation_count(self) -> int:
+        return len(self.amount)
+
+
+def _ratio_text(name: str, ratio: Ratio) -> str:
+    """The exact decimal text of a ratio; Decimal is accepted as long as it is finite."""
+    if isinstance(ratio, Decimal):
+        if not ratio.is_finite():
+            raise RatioError(f"{name} {ratio} is not a finite decimal")
+        return format(ratio, "f")
+    if isinstance(ratio, str):
+        return ratio
+    raise RatioError(f"{name} must be a decimal string or Decimal, got {type(ratio).__name__}")
+
+
+def allocate(
+    loss: int,
+    fund_balance: int,
+    insurance_share: Ratio,
+    coverage_ratio: Ratio,
+    position_id: object,
+    account_id: object,
+    pnl: object,
+) -> AllocationResult:
+    """Allocates a cycle's loss between the insurance fund and the profitable positions.
+
+    ``position_id`` and ``account_id`` are uint64 buffers, ``pnl`` an int64 buffer, of equal
+    length. See issue 3 for the rules; the Rust core checks its outputs before returning.
+    """
+    summary, ids, accounts, pnls, amounts = _alloc.allocate(
+        loss,
+        fund_balance,
+        _ratio_text("insurance_share", insurance_share),
+        _ratio_text("coverage_ratio", coverage_ratio),
+        position_id,
+        account_id,
+        pnl,
+    )
+    return _result(summary, ids, accounts, pnls, amounts)
+
+
+def _result(
+    summary: _alloc.Summary,
+    position_id: npt.NDArray[np.uint64],
+    account_id: npt.NDArray[np.uint64],
+    pnl: npt.NDArray[np.int64],
+    amount: npt.NDArray[np.int64],
+) -> AllocationResult:
+    (
+        fund_share,
+        fund_paid,
+        user_due,
+        positions_total,
+        profitable_count,
+        profit_total,
+        cutoff_pnl,
+        participant_count,
+        participant_profit,
+        widened,
+        allocated_total,
+        uncovered,
+    ) = summary
+    for column in (position_id, account_id, pnl, amount):
+        column.flags.writeable = False
+    return AllocationResult(
+        fund_share=fund_share,
+        fund_paid=fund_paid,
+        user_due=user_due,
+        positions_total=positions_total,
+        profitable_count=profitable_count,
+        profit_total=profit_total,
+        cutoff_pnl=cutoff_pnl,
+        participant_count=participant_count,
+        participant_profit=participant_profit,
+        widened=widened,
+        allocated_total=allocated_total,
+        uncovered=uncovered,
+        position_id=position_id,
+        account_id=account_id,
+        pnl=pnl,
+        amount=amount,
+    )

@@ -102,9 +102,10 @@ def assert_rejected(
     with pytest.raises(grpc.RpcError) as raised:
         call(request)
     error = raised.value
-    assert error.code() == code, error.details()
+    details = error.details() or ""
+    assert error.code() == code, details
     for text in named:
-        assert text in error.details(), (text, error.details())
+        assert text in details, (text, details)
     assert snapshot(database_url) == before
     return error
 

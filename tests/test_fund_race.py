@@ -5,6 +5,7 @@ less than they ask for in total. Proves, on SQLite and PostgreSQL: every withdra
 succeeds or fails with FAILED_PRECONDITION; the final balance is the deposits minus the
 successful withdrawals and is not negative; replayed in entry order the fund's balance never
 dips below zero; and the cached account balances equal those recomputed from the journal.
+Also: clients racing with one transfer_id post it once.
 """
 
 from __future__ import annotations
@@ -93,3 +94,37 @@ def test_concurrent_withdrawals_never_overdraw_the_fund(
     cached = cached_balances(database_url)
     assert {k: v for k, v in cached.items() if v} == {k: v for k, v in journal.items() if v}
     assert cached[("USD", "insurance_fund")] == fund.balance
+
+
+def test_concurrent_repeats_of_one_transfer_post_it_once(
+    server: LedgerServer, client: Client, database_url: str
+) -> None:
+    """Clients racing with the same transfer_id: the same request always gets the one entry;
+    other content under that id gets ALREADY_EXISTS."""
+    usd(client)
+    start = threading.Barrier(THREADS)
+
+    def send(worker: int) -> pb.Entry | grpc.StatusCode:
+        own = Client.connect(f"127.0.0.1:{server.port}")
+        try:
+            start.wait()
+            amount = 500 if worker % 4 else 501  # every fourth client sends other content
+            return transfer(own, "same-id", DEPOSIT, amount)
+        except grpc.RpcError as error:
+            return error.code()
+        finally:
+            own.channel.close()
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        results = list(pool.map(send, range(THREADS)))
+
+    entries = [r for r in results if isinstance(r, pb.Entry)]
+    codes = [r for r in results if not isinstance(r, pb.Entry)]
+    assert entries, "no client got the transfer through"
+    assert all(e == entries[0] for e in entries)
+    winner = entries[0].postings[1].amount
+    assert len(entries) == (THREADS * 3 // 4 if winner == 500 else THREADS // 4)
+    assert set(codes) == {grpc.StatusCode.ALREADY_EXISTS}
+    fund = client.query.GetFund(pb.GetFundRequest(currency="USD"))
+    assert (fund.balance, fund.inflow_total) == (winner, winner)
+    assert balances_from_journal(database_url)[("USD", "insurance_fund")] == winner

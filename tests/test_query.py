@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -72,7 +73,7 @@ def journal(
             server.stop(grace_seconds=1)
 
 
-def list_entries(journal: Journal, **fields: object) -> pb.ListEntriesResponse:
+def list_entries(journal: Journal, **fields: Any) -> pb.ListEntriesResponse:
     request = pb.ListEntriesRequest(**{"currency": "USD", "account": "insurance_fund", **fields})
     return journal.client.query.ListEntries(request)  # type: ignore[no-any-return]
 
@@ -208,7 +209,7 @@ def test_list_entries_keeps_currencies_apart(journal: Journal) -> None:
     assert all(e.currency == "BTC" for e in page.entries)
 
 
-def entries_request(**fields: object) -> pb.ListEntriesRequest:
+def entries_request(**fields: Any) -> pb.ListEntriesRequest:
     return pb.ListEntriesRequest(**{"currency": "USD", "account": "insurance_fund", **fields})
 
 

@@ -91,6 +91,19 @@ def _ratio_text(name: str, ratio: Ratio) -> str:
     raise RatioError(f"{name} must be a decimal string or Decimal, got {type(ratio).__name__}")
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _amount(name: str, value: int) -> int:
+    """An amount as the core takes it: an int (not bool) in int64; negatives are left to the
+    core, which names them."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AllocationError(f"{name} must be an int of minor units, got {type(value).__name__}")
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise AllocationError(f"{name} {value} does not fit int64")
+    return value
+
+
 def allocate(
     loss: int,
     fund_balance: int,
@@ -106,8 +119,8 @@ def allocate(
     length. See issue 3 for the rules; the Rust core checks its outputs before returning.
     """
     summary, ids, accounts, pnls, amounts = _alloc.allocate(
-        loss,
-        fund_balance,
+        _amount("loss", loss),
+        _amount("fund_balance", fund_balance),
         _ratio_text("insurance_share", insurance_share),
         _ratio_text("coverage_ratio", coverage_ratio),
         position_id,

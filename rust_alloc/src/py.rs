@@ -9,49 +9,49 @@ use pyo3::types::PyTuple;
 use crate::{allocate as allocate_core, AllocError, Allocation, Policy, Positions};
 
 pyo3::create_exception!(
-    _alloc,
+    ledger._alloc,
     AllocationError,
     PyValueError,
     "The allocation's input is invalid (the server answers INVALID_ARGUMENT)."
 );
 pyo3::create_exception!(
-    _alloc,
+    ledger._alloc,
     ColumnLengthError,
     AllocationError,
     "Columns of unequal length."
 );
 pyo3::create_exception!(
-    _alloc,
+    ledger._alloc,
     DuplicatePositionError,
     AllocationError,
     "A repeated position_id."
 );
 pyo3::create_exception!(
-    _alloc,
+    ledger._alloc,
     NegativeAmountError,
     AllocationError,
     "A negative loss or balance."
 );
 pyo3::create_exception!(
-    _alloc,
+    ledger._alloc,
     RatioError,
     AllocationError,
     "A malformed or out-of-range ratio."
 );
 pyo3::create_exception!(
-    _alloc,
+    ledger._alloc,
     ColumnTypeError,
     AllocationError,
     "A column of the wrong type."
 );
 pyo3::create_exception!(
-    _alloc,
+    ledger._alloc,
     PositionLimitError,
     PyException,
     "More positions than allowed (the server answers RESOURCE_EXHAUSTED)."
 );
 pyo3::create_exception!(
-    _alloc,
+    ledger._alloc,
     AllocationInvariantError,
     PyRuntimeError,
     "A result check failed: a bug, not bad input (the server answers INTERNAL)."

@@ -37,6 +37,17 @@ fn log_bucket(value: u64) -> usize {
         as usize
 }
 
+/// The values of a bucket, as an inclusive range (a plain compare is cheaper than the key).
+fn log_bucket_range(bucket: usize) -> (i64, i64) {
+    let bucket = bucket as u64;
+    if bucket < 1 << MANTISSA_BITS {
+        return (bucket as i64, bucket as i64);
+    }
+    let (exponent, mantissa) = (bucket >> MANTISSA_BITS, bucket & ((1 << MANTISSA_BITS) - 1));
+    let low = ((1 << MANTISSA_BITS) + mantissa) << (exponent - 1);
+    (low as i64, (low + (1 << (exponent - 1)) - 1) as i64)
+}
+
 /// Count and value total per bucket.
 struct Histogram {
     count: Vec<u64>,
@@ -127,10 +138,11 @@ impl Profits {
 
 fn cut_from(histogram: Histogram, pnl: &[i64], threshold: u128) -> Cut {
     let (bucket, mut count_above, mut sum_above) = histogram.crossing(threshold);
+    let (low, high) = log_bucket_range(bucket);
     let parts: Vec<Vec<u64>> = pnl
         .par_chunks(CHUNK_LEN)
         .map(|chunk| {
-            let in_bucket = |&&value: &&i64| value > 0 && log_bucket(value as u64) == bucket;
+            let in_bucket = |&&value: &&i64| low <= value && value <= high;
             chunk
                 .iter()
                 .filter(in_bucket)
@@ -238,6 +250,12 @@ mod tests {
             .windows(2)
             .all(|w| log_bucket(w[0]) <= log_bucket(w[1])));
         assert!(values.iter().all(|&value| log_bucket(value) < LOG_BUCKETS));
+        for &value in values.iter().filter(|&&value| value > 0) {
+            let (low, high) = log_bucket_range(log_bucket(value));
+            assert!(low as u64 <= value && value <= high as u64, "{value}");
+            assert_eq!(log_bucket(low as u64), log_bucket(value));
+            assert_eq!(log_bucket(high as u64), log_bucket(value));
+        }
     }
 
     #[test]

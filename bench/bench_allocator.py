@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,8 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ledger.alloc import allocate  # noqa: E402
-from tests.alloc_reference import allocate_reference  # noqa: E402
+from ledger.alloc import allocate
+from tests.alloc_reference import allocate_reference
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -137,37 +138,28 @@ def main() -> None:
         runs = 3 if n >= 10_000_000 else 7
         cases = [("heavy", "ordered"), ("flat", "ordered"), ("heavy", "shuffled")]
         for shape, ids in cases:
-            position_id, account_id, pnl, loss, fund = positions(n, shape, ids)
-            result = allocate(
-                loss, fund, INSURANCE_SHARE, COVERAGE_RATIO, position_id, account_id, pnl
-            )
+            print(row(n, shape, ids, runs), flush=True)
 
-            def rust() -> object:
-                return allocate(
-                    loss, fund, INSURANCE_SHARE, COVERAGE_RATIO, position_id, account_id, pnl
-                )
 
-            def vectorised() -> object:
-                return allocate_numpy(loss, fund, 0.2, 0.9, position_id, account_id, pnl)
-
-            rust_s = median_seconds(rust, runs)
-            numpy_s = median_seconds(vectorised, max(3, runs // 2))
-            python_ms = "-"
-            if n == 100_000 and ids == "ordered":
-                rows = list(
-                    zip(position_id.tolist(), account_id.tolist(), pnl.tolist(), strict=True)
-                )
-                python_s = median_seconds(
-                    lambda: allocate_reference(loss, fund, INSURANCE_SHARE, COVERAGE_RATIO, rows), 1
-                )
-                python_ms = f"{python_s * 1000:.0f}"
-            peak = peak_extra_bytes(n, shape, ids)
-            print(
-                f"{n:>10} {shape:>5} {ids:>8} {result.participant_count:>12} "
-                f"{rust_s * 1000:>8.1f} {numpy_s * 1000:>9.1f} {numpy_s / rust_s:>10.1f} "
-                f"{python_ms:>10} {peak / 2**20:>8.1f} {peak / n:>6.1f}",
-                flush=True,
-            )
+def row(n: int, shape: str, ids: str, runs: int) -> str:
+    position_id, account_id, pnl, loss, fund = positions(n, shape, ids)
+    columns = (position_id, account_id, pnl)
+    rust = partial(allocate, loss, fund, INSURANCE_SHARE, COVERAGE_RATIO, *columns)
+    vectorised = partial(allocate_numpy, loss, fund, 0.2, 0.9, *columns)
+    result = rust()
+    rust_s = median_seconds(rust, runs)
+    numpy_s = median_seconds(vectorised, max(3, runs // 2))
+    python_ms = "-"
+    if n == 100_000 and ids == "ordered":
+        rows = list(zip(position_id.tolist(), account_id.tolist(), pnl.tolist(), strict=True))
+        reference = partial(allocate_reference, loss, fund, INSURANCE_SHARE, COVERAGE_RATIO, rows)
+        python_ms = f"{median_seconds(reference, 1) * 1000:.0f}"
+    peak = peak_extra_bytes(n, shape, ids)
+    return (
+        f"{n:>10} {shape:>5} {ids:>8} {result.participant_count:>12} "
+        f"{rust_s * 1000:>8.1f} {numpy_s * 1000:>9.1f} {numpy_s / rust_s:>10.1f} "
+        f"{python_ms:>10} {peak / 2**20:>8.1f} {peak / n:>6.1f}"
+    )
 
 
 if __name__ == "__main__":

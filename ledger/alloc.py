@@ -31,6 +31,7 @@ from ledger._alloc import (
     ColumnLengthError,
     ColumnTypeError,
     DuplicatePositionError,
+    MalformedMessageError,
     NegativeAmountError,
     PositionLimitError,
     RatioError,
@@ -43,11 +44,15 @@ __all__ = [
     "AllocationResult",
     "ColumnLengthError",
     "ColumnTypeError",
+    "CycleHeader",
+    "CycleInputDecoder",
     "DuplicatePositionError",
+    "MalformedMessageError",
     "NegativeAmountError",
     "PositionLimitError",
     "RatioError",
     "allocate",
+    "encode_allocation_chunks",
 ]
 
 Ratio = str | Decimal
@@ -128,6 +133,66 @@ def allocate(
         pnl,
     )
     return _result(summary, ids, accounts, pnls, amounts)
+
+
+@dataclass(frozen=True, slots=True)
+class CycleHeader:
+    cycle_id: str
+    currency: str
+
+
+class CycleInputDecoder:
+    """A cycle's positions, decoded in Rust from serialized ``insurance.v1.CycleInput``
+    messages (the raw bytes of the stream) and kept there: they never become Python objects.
+
+    ``feed`` returns the header of a header message and None for a position chunk (or an
+    empty message); enforcing header-first is the caller's. A chunk is appended whole or not
+    at all. Raises ``MalformedMessageError`` or ``ColumnLengthError`` for a bad message, and
+    ``PositionLimitError`` when the total would pass ``positions_max``.
+    """
+
+    def __init__(self, positions_max: int) -> None:
+        self._native = _alloc.CycleInputDecoder(positions_max)
+
+    def feed(self, message: bytes) -> CycleHeader | None:
+        item = self._native.feed(message)
+        if item[0] == "header":
+            _, cycle_id, currency = item  # type: ignore[misc]
+            return CycleHeader(cycle_id=str(cycle_id), currency=str(currency))
+        return None
+
+    @property
+    def positions_total(self) -> int:
+        return self._native.positions_total
+
+    def __len__(self) -> int:
+        return len(self._native)
+
+    def input_digest(self) -> str:
+        """Lowercase hex SHA-256 over the positions in position_id order, each 24 bytes:
+        position_id u64, account_id u64, pnl i64, little-endian. Raises
+        ``DuplicatePositionError`` on a repeated id."""
+        return self._native.input_digest()
+
+    def allocate(
+        self, loss: int, fund_balance: int, insurance_share: Ratio, coverage_ratio: Ratio
+    ) -> AllocationResult:
+        """``allocate`` over the accumulated positions, without copying them out of Rust."""
+        summary, ids, accounts, pnls, amounts = self._native.allocate(
+            _amount("loss", loss),
+            _amount("fund_balance", fund_balance),
+            _ratio_text("insurance_share", insurance_share),
+            _ratio_text("coverage_ratio", coverage_ratio),
+        )
+        return _result(summary, ids, accounts, pnls, amounts)
+
+
+def encode_allocation_chunks(result: AllocationResult, rows_per_chunk: int) -> list[bytes]:
+    """The allocations as serialized ``insurance.v1.AllocationChunk`` messages of at most
+    ``rows_per_chunk`` rows each, in position_id order."""
+    return _alloc.encode_allocation_chunks(
+        result.position_id, result.account_id, result.pnl, result.amount, rows_per_chunk
+    )
 
 
 def _result(

@@ -14,6 +14,7 @@ use std::fmt;
 
 use rayon::prelude::*;
 
+pub mod decode;
 mod ids;
 pub mod ratio;
 mod select;

@@ -4,8 +4,9 @@ use numpy::IntoPyArray;
 use pyo3::buffer::{Element, PyBuffer};
 use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyBytes, PyTuple};
 
+use crate::decode::{self, DecodeError, Item, PositionColumns};
 use crate::{allocate as allocate_core, AllocError, Allocation, Policy, Positions};
 
 pyo3::create_exception!(
@@ -43,6 +44,12 @@ pyo3::create_exception!(
     ColumnTypeError,
     AllocationError,
     "A column of the wrong type."
+);
+pyo3::create_exception!(
+    ledger._alloc,
+    MalformedMessageError,
+    AllocationError,
+    "A CycleInput message that is not valid protobuf for its type."
 );
 pyo3::create_exception!(
     ledger._alloc,
@@ -101,6 +108,117 @@ impl<T: Element> Column<T> {
         // SAFETY: the buffer is held (pinned) by `self.buffer`, contiguous and typed as T.
         unsafe { pointer.as_ref() }
     }
+}
+
+fn decode_to_py(error: DecodeError) -> PyErr {
+    let message = error.to_string();
+    match error {
+        DecodeError::Malformed(_) => MalformedMessageError::new_err(message),
+        DecodeError::ColumnLengths { .. } => ColumnLengthError::new_err(message),
+        DecodeError::TooManyPositions { .. } => PositionLimitError::new_err(message),
+        DecodeError::DuplicatePositionId(_) => DuplicatePositionError::new_err(message),
+    }
+}
+
+/// A cycle's positions, decoded from serialized `CycleInput` messages and kept in Rust.
+#[pyclass(module = "ledger._alloc")]
+struct CycleInputDecoder {
+    columns: PositionColumns,
+    positions_max: usize,
+}
+
+#[pymethods]
+impl CycleInputDecoder {
+    #[new]
+    fn new(positions_max: usize) -> Self {
+        Self {
+            columns: PositionColumns::default(),
+            positions_max,
+        }
+    }
+
+    /// ("header", cycle_id, currency), ("positions", rows) or ("empty",).
+    fn feed<'py>(&mut self, py: Python<'py>, message: &[u8]) -> PyResult<Bound<'py, PyTuple>> {
+        let item = self
+            .columns
+            .feed(message, self.positions_max)
+            .map_err(decode_to_py)?;
+        match item {
+            Item::Header { cycle_id, currency } => ("header", cycle_id, currency).into_pyobject(py),
+            Item::Positions { rows } => ("positions", rows).into_pyobject(py),
+            Item::Empty => ("empty",).into_pyobject(py),
+        }
+    }
+
+    #[getter]
+    fn positions_total(&self) -> usize {
+        self.columns.len()
+    }
+
+    fn __len__(&self) -> usize {
+        self.columns.len()
+    }
+
+    fn input_digest(&self, py: Python<'_>) -> PyResult<String> {
+        py.detach(|| self.columns.input_digest())
+            .map_err(decode_to_py)
+    }
+
+    fn allocate<'py>(
+        &self,
+        py: Python<'py>,
+        loss: i64,
+        fund_balance: i64,
+        insurance_share: &str,
+        coverage_ratio: &str,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let policy = policy(insurance_share, coverage_ratio)?;
+        let positions = self.columns.positions();
+        let allocation = py.detach(|| allocate_core(loss, fund_balance, policy, positions));
+        result_to_py(py, allocation.map_err(to_py)?)
+    }
+}
+
+/// Serialized `AllocationChunk` messages of at most `rows_per_chunk` rows each.
+#[pyfunction]
+fn encode_allocation_chunks<'py>(
+    py: Python<'py>,
+    position_id: &Bound<'py, PyAny>,
+    account_id: &Bound<'py, PyAny>,
+    pnl: &Bound<'py, PyAny>,
+    amount: &Bound<'py, PyAny>,
+    rows_per_chunk: usize,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    if rows_per_chunk == 0 {
+        return Err(AllocationError::new_err("rows_per_chunk must be positive"));
+    }
+    let position_id = Column::<u64>::get("position_id", "uint64", position_id)?;
+    let account_id = Column::<u64>::get("account_id", "uint64", account_id)?;
+    let pnl = Column::<i64>::get("pnl", "int64", pnl)?;
+    let amount = Column::<i64>::get("amount", "int64", amount)?;
+    let lengths = [
+        position_id.slice().len(),
+        account_id.slice().len(),
+        pnl.slice().len(),
+    ];
+    if lengths
+        .iter()
+        .chain([&amount.slice().len()])
+        .any(|&len| len != lengths[0])
+    {
+        return Err(ColumnLengthError::new_err(
+            "allocation columns have unequal lengths",
+        ));
+    }
+    let (ids, accounts, pnls, amounts) = (
+        position_id.slice(),
+        account_id.slice(),
+        pnl.slice(),
+        amount.slice(),
+    );
+    let chunks = py
+        .detach(|| decode::encode_allocation_chunks(ids, accounts, pnls, amounts, rows_per_chunk));
+    Ok(chunks.iter().map(|chunk| PyBytes::new(py, chunk)).collect())
 }
 
 pub(crate) fn policy(insurance_share: &str, coverage_ratio: &str) -> PyResult<Policy> {
@@ -172,6 +290,12 @@ fn _alloc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("POSITIONS_MAX", crate::POSITIONS_MAX)?;
     m.add_function(wrap_pyfunction!(allocate, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_allocation_chunks, m)?)?;
+    m.add_class::<CycleInputDecoder>()?;
+    m.add(
+        "MalformedMessageError",
+        py.get_type::<MalformedMessageError>(),
+    )?;
     m.add("AllocationError", py.get_type::<AllocationError>())?;
     m.add("ColumnLengthError", py.get_type::<ColumnLengthError>())?;
     m.add("ColumnTypeError", py.get_type::<ColumnTypeError>())?;

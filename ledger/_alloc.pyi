@@ -1,18 +1,16 @@
 """Typed stub of the native module built from rust_alloc/src/py.rs (import ledger.alloc)."""
 
+from typing import final
+
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
 POSITIONS_MAX: int
 
-Summary = tuple[int, int, int, int, int, int, int, int, int, bool, int, int]
+_Summary = tuple[int, int, int, int, int, int, int, int, int, bool, int, int]
 """fund_share, fund_paid, user_due, positions_total, profitable_count, profit_total,
 cutoff_pnl, participant_count, participant_profit, widened, allocated_total, uncovered."""
-
-Columns = tuple[
-    npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.int64], npt.NDArray[np.int64]
-]
 
 class AllocationError(ValueError): ...
 class ColumnLengthError(AllocationError): ...
@@ -33,13 +31,14 @@ def allocate(
     account_id: object,
     pnl: object,
 ) -> tuple[
-    Summary,
+    _Summary,
     npt.NDArray[np.uint64],
     npt.NDArray[np.uint64],
     npt.NDArray[np.int64],
     npt.NDArray[np.int64],
 ]: ...
 
+@final
 class CycleInputDecoder:
     def __new__(cls, positions_max: int) -> CycleInputDecoder: ...
     def feed(self, message: bytes) -> tuple[str, str, str] | tuple[str, int] | tuple[str]: ...
@@ -50,7 +49,7 @@ class CycleInputDecoder:
     def allocate(
         self, loss: int, fund_balance: int, insurance_share: str, coverage_ratio: str
     ) -> tuple[
-        Summary,
+        _Summary,
         npt.NDArray[np.uint64],
         npt.NDArray[np.uint64],
         npt.NDArray[np.int64],

@@ -196,7 +196,7 @@ def encode_allocation_chunks(result: AllocationResult, rows_per_chunk: int) -> l
 
 
 def _result(
-    summary: _alloc.Summary,
+    summary: _alloc._Summary,
     position_id: npt.NDArray[np.uint64],
     account_id: npt.NDArray[np.uint64],
     pnl: npt.NDArray[np.int64],

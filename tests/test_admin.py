@@ -505,11 +505,6 @@ def test_withdraw_beyond_balance_fails_and_writes_nothing(
     assert client.query.GetFund(pb.GetFundRequest(currency=currency)).balance == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the cached account totals overflow int64 (SQLite turns them into REAL, "
-    "PostgreSQL answers INTERNAL); remove this mark when ledger/db/store.py bounds them",
-)
 def test_fund_balance_beyond_int64_is_rejected(client: Client, database_url: str) -> None:
     """A deposit that would carry the fund's balance past int64 is refused, writing nothing."""
     usd(client)

@@ -121,15 +121,6 @@ finally:
 def test_servers_starting_at_once_on_an_empty_database(
     database_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if database_url.startswith("sqlite"):
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="known bug: ledger/db/migrate.py opens the migration transaction with a "
-                "deferred BEGIN on SQLite, so a second process's upgrade fails with 'database "
-                "is locked' instead of waiting (BEGIN IMMEDIATE would queue it)",
-                strict=False,
-            )
-        )
     go = tmp_path / "go"
     starters = [
         subprocess.Popen(

@@ -36,7 +36,9 @@ def current_revision(connection: Connection) -> str | None:
 
 def upgrade(database: Database, revision: str = "head") -> None:
     config = alembic_config()
-    with database.engine.begin() as connection:
+    # BEGIN IMMEDIATE on SQLite: servers starting at once queue for the lock instead of failing.
+    options = {"sqlite_begin": "IMMEDIATE"} if database.is_sqlite else {}
+    with database.engine.connect().execution_options(**options) as connection, connection.begin():
         if database.backend == "postgresql":
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK_KEY}

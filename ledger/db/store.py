@@ -9,12 +9,13 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from ledger.db import models
-from ledger.errors import FailedPrecondition, NotFound
+from ledger.errors import FailedPrecondition, InvalidArgument, NotFound
 from ledger.journal import (
     NON_NEGATIVE_ACCOUNTS,
     SYSTEM_ACCOUNTS,
@@ -23,6 +24,7 @@ from ledger.journal import (
     Posting,
     Transfer,
 )
+from ledger.limits import INT64_MAX, INT64_MIN
 
 
 def now_us() -> int:
@@ -101,14 +103,19 @@ def account_deltas(transfers: Sequence[Transfer]) -> Deltas:
 
 def apply_deltas(session: Session, deltas: Deltas) -> dict[tuple[str, str], int]:
     """Move the cached totals in a fixed order (so two writers never deadlock) and return the
-    new balances. The UPDATE itself holds the row lock and re-checks the floor."""
+    new balances. The UPDATE itself holds the row lock and re-checks every bound: the floor of
+    a non-negative account, and int64 for the balance and both running totals (the bounds are
+    rearranged so that no intermediate value can overflow on either backend)."""
     balances: dict[tuple[str, str], int] = {}
     for (currency, name), (credits, debits) in sorted(deltas.items()):
         delta = credits - debits
         account = models.Account
+        floor = 0 if name in NON_NEGATIVE_ACCOUNTS else INT64_MIN
         stmt = (
             update(account)
             .where(account.currency == currency, account.name == name)
+            .where(account.credit_total <= INT64_MAX - credits)
+            .where(account.debit_total <= INT64_MAX - debits)
             .values(
                 balance=account.balance + delta,
                 credit_total=account.credit_total + credits,
@@ -116,17 +123,27 @@ def apply_deltas(session: Session, deltas: Deltas) -> dict[tuple[str, str], int]
             )
             .returning(account.balance)
         )
-        if name in NON_NEGATIVE_ACCOUNTS and delta < 0:
-            stmt = stmt.where(account.balance + delta >= 0)
+        if delta > 0:
+            stmt = stmt.where(account.balance <= INT64_MAX - delta)
+        elif delta < 0:
+            stmt = stmt.where(account.balance >= floor - delta)
         balance = session.execute(stmt).scalar_one_or_none()
         if balance is None:
-            current = account_balance(session, currency, name)
-            raise FailedPrecondition(
-                f"{name} of {currency} has balance {current}, less than the {-delta} to be "
-                "taken from it"
-            )
+            _refuse(session, currency, name, delta, floor)
         balances[(currency, name)] = int(balance)
     return balances
+
+
+def _refuse(session: Session, currency: str, name: str, delta: int, floor: int) -> NoReturn:
+    current = account_balance(session, currency, name)
+    if delta < 0 and floor == 0 and current + delta < 0:
+        raise FailedPrecondition(
+            f"{name} of {currency} has balance {current}, less than the {-delta} to be "
+            "taken from it"
+        )
+    raise InvalidArgument(
+        "amount", abs(delta), f"would take {name} of {currency} beyond a signed 64-bit integer"
+    )
 
 
 def account_balance(session: Session, currency: str, name: str) -> int:

@@ -52,7 +52,11 @@ class LedgerServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.database = Database(settings.database_url, pool_size=settings.threads)
-        upgrade(self.database)
+        try:
+            upgrade(self.database)
+        except BaseException:
+            self.database.dispose()
+            raise
         self._health = health.HealthServicer()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(

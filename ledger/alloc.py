@@ -53,6 +53,7 @@ __all__ = [
     "RatioError",
     "allocate",
     "encode_allocation_chunks",
+    "encode_allocation_columns",
 ]
 
 Ratio = str | Decimal
@@ -236,3 +237,14 @@ def _result(
         pnl=pnl,
         amount=amount,
     )
+
+
+def encode_allocation_columns(
+    position_id: npt.NDArray[np.uint64],
+    account_id: npt.NDArray[np.uint64],
+    pnl: npt.NDArray[np.int64],
+    amount: npt.NDArray[np.int64],
+    rows_per_chunk: int,
+) -> list[bytes]:
+    """``encode_allocation_chunks`` over plain columns (allocations read back from the ledger)."""
+    return _alloc.encode_allocation_chunks(position_id, account_id, pnl, amount, rows_per_chunk)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,7 +17,6 @@ from grpc_reflection.v1alpha import reflection
 
 from ledger import liquidation
 from ledger.api.v1 import insurance_pb2 as pb
-from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
 from ledger.db.migrate import upgrade
 from ledger.db.session import Database
 from ledger.group_commit import GroupCommitter
@@ -28,6 +29,7 @@ from ledger.limits import (
 from ledger.liquidation import LiquidationRequest, LiquidationResult
 from ledger.server.admin import AdminService
 from ledger.server.clearing import ClearingService
+from ledger.server.cycles import CycleService
 from ledger.server.interceptors import CallInterceptor
 from ledger.server.query import QueryService
 
@@ -69,15 +71,28 @@ class LedgerServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_AdminServicer_to_server(AdminService(self.database), self._server)
         self._liquidations: GroupCommitter[LiquidationRequest, LiquidationResult] = GroupCommitter(
             self.database,
             liquidation.record_batch,
             enabled=settings.group_commit,
             name="liquidation-writer",
         )
-        pb_grpc.add_ClearingServicer_to_server(ClearingService(self._liquidations), self._server)
-        pb_grpc.add_QueryServicer_to_server(QueryService(self.database), self._server)
+        admin = AdminService(self.database)
+        clearing = ClearingService(self._liquidations)
+        cycles = CycleService(self.database, settings.cycle_positions_max)
+        query = QueryService(self.database)
+        self._server.add_generic_rpc_handlers(
+            (
+                service_handler("Admin", admin),
+                service_handler(
+                    "Clearing",
+                    clearing,
+                    overrides={"CloseCycle": cycles.close, "PreviewCycle": cycles.preview},
+                    raw_requests={"CloseCycle", "PreviewCycle"},
+                ),
+                service_handler("Query", query, raw_responses={"StreamAllocations"}),
+            )
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -100,6 +115,44 @@ class LedgerServer:
 
     def wait(self) -> None:
         self._server.wait_for_termination()
+
+
+def service_handler(
+    name: str,
+    servicer: object,
+    *,
+    overrides: dict[str, Callable[..., Any]] | None = None,
+    raw_requests: frozenset[str] | set[str] = frozenset(),
+    raw_responses: frozenset[str] | set[str] = frozenset(),
+) -> grpc.GenericRpcHandler[Any, Any]:
+    """The handlers of one insurance.v1 service, built from its descriptor.
+
+    Methods named in raw_requests get each request message as bytes (no deserializer);
+    those in raw_responses yield already-serialized bytes (no serializer): the hot paths
+    whose messages are decoded and encoded in Rust.
+    """
+    service = pb.DESCRIPTOR.services_by_name[name]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        behavior = (overrides or {}).get(method.name) or getattr(servicer, method.name)
+        request_class = message_class(method.input_type.name)
+        response_class = message_class(method.output_type.name)
+        deserializer = None if method.name in raw_requests else request_class.FromString
+        serializer = None if method.name in raw_responses else response_class.SerializeToString
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            behavior, request_deserializer=deserializer, response_serializer=serializer
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def message_class(name: str) -> Any:
+    return getattr(pb, name)
 
 
 def serve(settings: Settings) -> int:

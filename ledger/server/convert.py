@@ -6,6 +6,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.currency import ContractView, CurrencyView, PolicyView
+from ledger.cycle import CycleSummary
 from ledger.db.store import StoredEntry
 from ledger.fund import FundView
 
@@ -59,3 +60,31 @@ def fund(view: FundView) -> pb.Fund:
         inflow_total=view.inflow_total,
         outflow_total=view.outflow_total,
     )
+
+
+def cycle_summary(view: CycleSummary) -> pb.CycleSummary:
+    message = pb.CycleSummary(
+        cycle_id=view.cycle_id,
+        currency=view.currency,
+        state=int(view.state),  # type: ignore[arg-type]
+        loss_total=view.loss_total,
+        fund_balance_before=view.fund_balance_before,
+        fund_share=view.fund_share,
+        fund_paid=view.fund_paid,
+        user_due=view.user_due,
+        allocated_total=view.allocated_total,
+        uncovered=view.uncovered,
+        positions_total=view.positions_total,
+        profitable_count=view.profitable_count,
+        profit_total=view.profit_total,
+        participant_count=view.participant_count,
+        participant_profit=view.participant_profit,
+        cutoff_pnl=view.cutoff_pnl,
+        widened=view.widened,
+        input_digest=view.input_digest,
+        insurance_share=view.insurance_share,
+        coverage_ratio=view.coverage_ratio,
+    )
+    if view.closed_at_us:
+        message.closed_at.CopyFrom(timestamp(view.closed_at_us))
+    return message

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 
-from ledger import entries, fund
+from ledger import cycle, entries, fund
+from ledger.alloc import encode_allocation_columns
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
 from ledger.db.session import Database
+from ledger.limits import CHUNK_ROWS_MAX
 from ledger.server import convert
 
 
@@ -37,3 +41,28 @@ class QueryService(pb_grpc.QueryServicer):
             entries=[convert.entry(e) for e in page.entries],
             next_page_token=page.next_page_token,
         )
+
+    def GetCycle(
+        self, request: pb.GetCycleRequest, context: grpc.ServicerContext
+    ) -> pb.CycleSummary:
+        key = cycle.check_header(request.cycle_id, request.currency)
+        with self._db.read() as session:
+            summary = cycle.get(session, key)
+        return convert.cycle_summary(summary)
+
+    def StreamAllocations(
+        self, request: pb.StreamAllocationsRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """Chunks of at most 65,536 rows in position_id order, encoded in Rust: the method is
+        registered without a response serializer, so the bytes go out as they are."""
+        key = cycle.check_header(request.cycle_id, request.currency)
+        account_id = request.account_id if request.HasField("account_id") else None
+        with self._db.read() as session:
+            for columns in cycle.allocations(session, key, account_id, CHUNK_ROWS_MAX):
+                yield from encode_allocation_columns(
+                    columns.position_id,
+                    columns.account_id,
+                    columns.pnl,
+                    columns.amount,
+                    CHUNK_ROWS_MAX,
+                )

@@ -162,7 +162,11 @@ class Cycle(Base):
     __tablename__ = "cycles"
     __table_args__ = (UniqueConstraint("currency", "cycle_id"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # BIGINT like every column of an allocation row (binary COPY needs one width); INTEGER on
+    # SQLite so that it stays the rowid.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"))
     cycle_id: Mapped[str] = mapped_column(String(128))
     loss_total: Mapped[int] = mapped_column(BigInteger)
@@ -201,7 +205,9 @@ class Allocation(Base):
         Index(None, "account_id", "entry_id"),
     )
 
-    cycle_pk: Mapped[int] = mapped_column(ForeignKey("cycles.id"), primary_key=True)
+    cycle_pk: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("cycles.id"), primary_key=True
+    )
     position_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     account_id: Mapped[int] = mapped_column(BigInteger)
     pnl: Mapped[int] = mapped_column(BigInteger)

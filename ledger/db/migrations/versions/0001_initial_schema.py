@@ -62,7 +62,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "cycles",
-        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("currency", sa.String(length=16), nullable=False),
         sa.Column("cycle_id", sa.String(length=128), nullable=False),
         sa.Column("loss_total", sa.BigInteger(), nullable=False),
@@ -144,7 +144,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "allocations",
-        sa.Column("cycle_pk", sa.Integer(), nullable=False),
+        sa.Column("cycle_pk", sa.BigInteger(), nullable=False),
         sa.Column("position_id", sa.BigInteger(), nullable=False),
         sa.Column("account_id", sa.BigInteger(), nullable=False),
         sa.Column("pnl", sa.BigInteger(), nullable=False),

@@ -97,23 +97,38 @@ def _journal_rows(
 def _allocation_rows(
     session: Session, currency: str, account: str, before: int, limit: int
 ) -> list[StoredEntry]:
-    alloc, cycle = models.Allocation, models.Cycle
-    query = (
-        select(alloc, cycle.cycle_id, cycle.closed_at_us)
-        .join(cycle, cycle.id == alloc.cycle_pk)
-        .where(cycle.currency == currency, alloc.entry_id < before)
-        .order_by(alloc.entry_id.desc())
-        .limit(limit)
-    )
+    """Allocation entries of one account (a user, or system_loss for all), newest first.
+
+    Cycles are visited newest first: a currency's closes are serialised, so a later cycle's
+    entry ids are all above an earlier one's. For a user each visit is one seek on the
+    allocations key (cycle, account, position).
+    """
     user_id = user_account_id(account)
-    if user_id is not None:
-        query = query.where(alloc.account_id == to_signed(user_id))
-    elif account != SYSTEM_LOSS:
+    if user_id is None and account != SYSTEM_LOSS:
         return []
-    return [
-        allocation_entry(currency, cycle_id, closed_at_us, row)
-        for row, cycle_id, closed_at_us in session.execute(query)
-    ]
+    alloc, cycle = models.Allocation, models.Cycle
+    cycles = session.execute(
+        select(cycle.id, cycle.cycle_id, cycle.closed_at_us)
+        .where(cycle.currency == currency, cycle.allocation_first_entry_id < before)
+        .order_by(cycle.id.desc())
+    )
+    found: list[StoredEntry] = []
+    for cycle_pk, cycle_id, closed_at_us in cycles:
+        query = (
+            select(alloc)
+            .where(alloc.cycle_pk == cycle_pk, alloc.entry_id < before)
+            .order_by(alloc.entry_id.desc())
+            .limit(limit - len(found))
+        )
+        if user_id is not None:
+            query = query.where(alloc.account_id == to_signed(user_id))
+        found.extend(
+            allocation_entry(currency, cycle_id, closed_at_us, row)
+            for row in session.scalars(query)
+        )
+        if len(found) >= limit:
+            break
+    return found
 
 
 def allocation_entry(

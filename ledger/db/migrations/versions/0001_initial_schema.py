@@ -145,23 +145,17 @@ def upgrade() -> None:
     op.create_table(
         "allocations",
         sa.Column("cycle_pk", sa.BigInteger(), nullable=False),
-        sa.Column("position_id", sa.BigInteger(), nullable=False),
         sa.Column("account_id", sa.BigInteger(), nullable=False),
+        sa.Column("position_id", sa.BigInteger(), nullable=False),
         sa.Column("pnl", sa.BigInteger(), nullable=False),
         sa.Column("amount", sa.BigInteger(), nullable=False),
         sa.Column("entry_id", sa.BigInteger(), nullable=False),
         sa.CheckConstraint("amount > 0", name=op.f("ck_allocations_amount_positive")),
-        sa.ForeignKeyConstraint(
-            ["cycle_pk"], ["cycles.id"], name=op.f("fk_allocations_cycle_pk_cycles")
+        sa.PrimaryKeyConstraint(
+            "cycle_pk", "account_id", "position_id", name=op.f("pk_allocations")
         ),
-        sa.PrimaryKeyConstraint("cycle_pk", "position_id", name=op.f("pk_allocations")),
+        sqlite_with_rowid=False,
     )
-    with op.batch_alter_table("allocations", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_allocations_account_id_entry_id"),
-            ["account_id", "entry_id"],
-            unique=False,
-        )
 
     op.create_table(
         "liquidations",
@@ -219,9 +213,6 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_liquidations_currency_cycle_id_outcome"))
 
     op.drop_table("liquidations")
-    with op.batch_alter_table("allocations", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_allocations_account_id_entry_id"))
-
     op.drop_table("allocations")
     op.drop_table("policies")
     with op.batch_alter_table("entries", schema=None) as batch_op:

@@ -8,6 +8,7 @@ No ORM object is made per row.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from ledger.db.u64 import to_signed
 
-ROWS_PER_WRITE = 1 << 20  # bounds the memory of one COPY / executemany chunk
+ROWS_PER_WRITE = 1 << 17  # rows per COPY block / executemany call: bounds memory, lets work overlap
 _PG_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 _PG_COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 _COLUMNS = ("cycle_pk", "account_id", "position_id", "pnl", "amount", "entry_id")
@@ -75,25 +76,37 @@ class _Rows:
 
 
 def _execute_many(connection: Any, rows: _Rows) -> None:
+    """executemany in chunks; the next chunk's Python ints are made on another thread while
+    SQLite steps through this one (the driver lets go of the GIL while it steps)."""
     insert = f"INSERT INTO allocations ({', '.join(_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)"
-    cursor = connection.cursor()
-    try:
-        for start in range(0, len(rows), ROWS_PER_WRITE):
-            stop = min(start + ROWS_PER_WRITE, len(rows))
-            cursor.executemany(
-                insert,
-                zip(
-                    repeat(rows.cycle_pk, stop - start),
-                    rows.account_id[start:stop].tolist(),
-                    rows.position_id[start:stop].tolist(),
-                    rows.pnl[start:stop].tolist(),
-                    rows.amount[start:stop].tolist(),
-                    rows.entry_id[start:stop].tolist(),
-                    strict=True,
-                ),
+
+    def params(start: int) -> list[tuple[int, ...]]:
+        stop = min(start + ROWS_PER_WRITE, len(rows))
+        return list(
+            zip(
+                repeat(rows.cycle_pk, stop - start),
+                rows.account_id[start:stop].tolist(),
+                rows.position_id[start:stop].tolist(),
+                rows.pnl[start:stop].tolist(),
+                rows.amount[start:stop].tolist(),
+                rows.entry_id[start:stop].tolist(),
+                strict=True,
             )
-    finally:
-        cursor.close()
+        )
+
+    starts = range(0, len(rows), ROWS_PER_WRITE)
+    cursor = connection.cursor()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-params") as pool:
+        try:
+            pending = pool.submit(params, starts[0])
+            for following in [*starts[1:], None]:
+                batch = pending.result()
+                if following is not None:
+                    pending = pool.submit(params, following)
+                cursor.executemany(insert, batch)
+                del batch
+        finally:
+            cursor.close()
 
 
 def _copy_in(connection: Any, rows: _Rows) -> None:

@@ -87,7 +87,13 @@ def liquidate(client: Client, lid: str, cycle_id: str, result: int, symbol: str 
     assert reply.engine_result == result
 
 
-def transfer(client: Client, tid: str, direction: int, amount: int, currency: str = JPY) -> None:
+def transfer(
+    client: Client,
+    tid: str,
+    direction: pb.TransferDirection,
+    amount: int,
+    currency: str = JPY,
+) -> None:
     client.admin.TransferFund(
         pb.TransferFundRequest(
             transfer_id=tid, currency=currency, direction=direction, amount=amount
@@ -100,7 +106,7 @@ def deposit(client: Client, tid: str, amount: int, currency: str = JPY) -> None:
 
 
 def fund_balance(client: Client, currency: str = JPY) -> int:
-    return client.query.GetFund(pb.GetFundRequest(currency=currency)).balance
+    return int(client.query.GetFund(pb.GetFundRequest(currency=currency)).balance)
 
 
 # --- summaries -----------------------------------------------------------------------------
@@ -151,7 +157,10 @@ def expected_fields(
 
 
 def get_cycle(client: Client, cycle_id: str, currency: str = JPY) -> pb.CycleSummary:
-    return client.query.GetCycle(pb.GetCycleRequest(cycle_id=cycle_id, currency=currency))
+    summary: pb.CycleSummary = client.query.GetCycle(
+        pb.GetCycleRequest(cycle_id=cycle_id, currency=currency)
+    )
+    return summary
 
 
 def assert_rejected(
@@ -172,6 +181,15 @@ def assert_not_closed(client: Client, database_url: str, cycle_id: str) -> None:
     assert allocation_rows(database_url) == 0
 
 
+def _is_closed(client: Client, cycle_id: str) -> bool:
+    try:
+        get_cycle(client, cycle_id)
+    except grpc.RpcError as error:
+        assert error.code() == NOT_FOUND, error.details()
+        return False
+    return True
+
+
 def allocation_rows(database_url: str) -> int:
     engine = create_engine(database_url)
     try:
@@ -182,7 +200,10 @@ def allocation_rows(database_url: str) -> int:
 
 
 def list_entries(
-    client: Client, account: str, kind: int = 0, currency: str = JPY
+    client: Client,
+    account: str,
+    kind: pb.EntryKind = pb.ENTRY_KIND_UNSPECIFIED,
+    currency: str = JPY,
 ) -> list[pb.Entry]:
     """Every page of an account's journal."""
     out: list[pb.Entry] = []
@@ -891,8 +912,12 @@ def test_positions_above_the_configured_maximum(database_url: str) -> None:
         eleven = Positions.of((n, n, 10 * n) for n in range(1, 12))
         before = snapshot(database_url)
         for sizes in ([11], [6, 5], [10, 0, 1]):
+
+            def close(sizes: list[int] = sizes) -> object:
+                return cs.close(client.channel, "c1", JPY, eleven, sizes=sizes)
+
             assert_rejected(
-                lambda sizes=sizes: cs.close(client.channel, "c1", JPY, eleven, sizes=sizes),
+                close,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "10",
                 "positions",
@@ -906,14 +931,14 @@ def test_positions_above_the_configured_maximum(database_url: str) -> None:
         server.stop(grace_seconds=5)
 
 
-CANCEL_ATTEMPTS = 10  # the server's view of a cancel races with end-of-stream: try often
+CANCEL_ATTEMPTS = 6  # the server's view of a cancel races with its end of stream: try a few
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="bug: a client cancel ends the server's request iterator like a normal end of "
-    "stream (grpc._server StopIteration on a null receive), and CycleService.close commits "
-    "the partial cycle without checking context.is_active()",
+    strict=False,  # the bug is a race: about one attempt in ten shows it, not every run
+    reason="bug: a client cancel can end the server's request iterator like a normal end of "
+    "stream (grpc._server: StopIteration on the null receive before the cancel is seen), and "
+    "CycleService.close then commits the partial cycle without checking context.is_active()",
 )
 def test_close_cancelled_mid_stream_writes_nothing(client: Client, database_url: str) -> None:
     market(client)
@@ -922,7 +947,6 @@ def test_close_cancelled_mid_stream_writes_nothing(client: Client, database_url:
         liquidate(client, f"L{k}", f"c{k}", -5_000)
     positions = random_positions(random.Random(13), 3000, mixed)
     before = snapshot(database_url)
-    wrote = []
     for k in range(CANCEL_ATTEMPTS):
         sent_some = threading.Event()
         release = threading.Event()
@@ -939,16 +963,15 @@ def test_close_cancelled_mid_stream_writes_nothing(client: Client, database_url:
             stalled(f"c{k}", sent_some, release), timeout=60
         )
         assert sent_some.wait(30)
-        time.sleep(0.2)  # let the server take in what was sent
+        time.sleep(0.2)  # the server now waits for the next message
         assert future.cancel()
         release.set()
         with pytest.raises(grpc.FutureCancelledError):
             future.result()
-        time.sleep(0.3)  # a wrongly completed close lands about now
-        if snapshot(database_url) != before:
-            wrote.append(f"c{k}")
-            before = snapshot(database_url)
-    assert wrote == [], f"cancelled closes that wrote: {wrote}"
+    time.sleep(0.5)  # a wrongly completed close lands by now
+    closed = [c for c in (f"c{k}" for k in range(CANCEL_ATTEMPTS)) if _is_closed(client, c)]
+    assert closed == [], f"cancelled closes that closed their cycle: {closed}"
+    assert snapshot(database_url) == before
     assert_not_closed(client, database_url, "c0")
 
     summary = cs.close(client.channel, "c0", JPY, positions)

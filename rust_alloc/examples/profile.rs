@@ -1,12 +1,15 @@
-//! Times one allocation over synthetic columns: `cargo run --release --example profile -- N`.
+//! Times allocations over synthetic columns:
+//! `cargo run --release --example profile -- [N] [heavy|flat] [ordered|shuffled] [RUNS]`.
+//! Prints the minimum and median wall time over the runs.
 use rust_alloc::{allocate, Policy, Positions};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map_or(10_000_000, |s| s.parse().unwrap());
-    let flat = std::env::args().nth(2).is_some_and(|s| s == "flat");
+    let arg = |i: usize| std::env::args().nth(i);
+    let n: usize = arg(1).map_or(10_000_000, |s| s.parse().unwrap());
+    let flat = arg(2).is_some_and(|s| s == "flat");
+    let shuffled = arg(3).is_some_and(|s| s == "shuffled");
+    let runs: usize = arg(4).map_or(9, |s| s.parse().unwrap());
     let mut state = 0x9e3779b97f4a7c15u64;
     let mut next = move || {
         state ^= state << 13;
@@ -14,7 +17,12 @@ fn main() {
         state ^= state << 17;
         state
     };
-    let ids: Vec<u64> = (1..=n as u64).collect();
+    let mut ids: Vec<u64> = (1..=n as u64).collect();
+    if shuffled {
+        for i in (1..n).rev() {
+            ids.swap(i, (next() % (i as u64 + 1)) as usize);
+        }
+    }
     let accounts: Vec<u64> = (0..n).map(|_| next() >> 24).collect();
     let pnl: Vec<i64> = (0..n)
         .map(|_| {
@@ -38,18 +46,23 @@ fn main() {
         .sum::<i128>()
         / 3;
     let policy = Policy::parse("0.2", "0.9").unwrap();
-    for _ in 0..5 {
+    let positions = Positions {
+        position_id: &ids,
+        account_id: &accounts,
+        pnl: &pnl,
+    };
+    let mut times: Vec<Duration> = Vec::new();
+    let mut participants = 0;
+    for _ in 0..runs {
         let start = Instant::now();
-        let positions = Positions {
-            position_id: &ids,
-            account_id: &accounts,
-            pnl: &pnl,
-        };
-        let a = allocate(loss as i64, 0, policy, positions).unwrap();
-        println!(
-            "{:?} participants {}",
-            start.elapsed(),
-            a.summary.participant_count
-        );
+        let a = allocate(loss as i64, loss as i64 / 10, policy, positions).unwrap();
+        times.push(start.elapsed());
+        participants = a.summary.participant_count;
     }
+    times.sort();
+    println!(
+        "min {:.1} ms median {:.1} ms participants {participants}",
+        times[0].as_secs_f64() * 1e3,
+        times[runs / 2].as_secs_f64() * 1e3
+    );
 }

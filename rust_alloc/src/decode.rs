@@ -7,7 +7,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::ids::{self, IdOrder};
+use crate::ids;
 use crate::Positions;
 
 const WIRE_VARINT: u64 = 0;
@@ -275,10 +275,7 @@ impl PositionColumns {
         let mut hasher = Sha256::new();
         let mut record = [0u8; 24];
         for rank in 0..self.len() {
-            let index = match &order {
-                IdOrder::Ascending => rank,
-                IdOrder::Permutation(order) => order[rank] as usize,
-            };
+            let index = order.input_index(rank);
             record[..8].copy_from_slice(&self.position_id[index].to_le_bytes());
             record[8..16].copy_from_slice(&self.account_id[index].to_le_bytes());
             record[16..].copy_from_slice(&self.pnl[index].to_le_bytes());

@@ -71,6 +71,171 @@ fn slot_order(ids: &[u64], min: u64, slots: usize) -> Option<Vec<u32>> {
 }
 
 fn sorted_order(ids: &[u64]) -> Result<Vec<u32>, u64> {
+    let pairs = sorted_pairs(ids)?;
+    Ok(pairs.into_par_iter().map(|(_, index)| index).collect())
+}
+
+/// Where each participant's row goes when the ids do not ascend: the allocator's layout of
+/// its output without ordering all positions, only the participants.
+pub(crate) enum RowMap {
+    /// Ids dense in their range: a bit per id slot, set for participants, with a running
+    /// count per 64-bit word; a participant's row is the number of participant ids below it.
+    Ranked(DenseRanks),
+    /// Sparse ids: `rows[index]` is the row of the position at that input index (u32::MAX for
+    /// non-participants), from a sort of all (id, index) pairs.
+    Mapped(Vec<u32>),
+}
+
+impl RowMap {
+    /// Checks `ids` for duplicates (`Err` names the smallest) and maps the participants,
+    /// the positions with pnl >= `pnl_min`, to their rows in position_id order.
+    /// Requires unordered ids in `min..=max`, as many as pnl values, at most `u32::MAX`.
+    pub(crate) fn build(
+        ids: &[u64],
+        pnl: &[i64],
+        pnl_min: i64,
+        min: u64,
+        max: u64,
+    ) -> Result<Self, u64> {
+        let slots = u128::from(max - min) + 1;
+        if slots <= DENSE_SLOTS_PER_ID * ids.len() as u128 {
+            if let Some(ranks) = DenseRanks::build(ids, pnl, pnl_min, min, slots as usize) {
+                return Ok(Self::Ranked(ranks));
+            }
+        }
+        let pairs = sorted_pairs(ids)?;
+        let mut rows = vec![u32::MAX; ids.len()];
+        let mut row = 0;
+        for &(_, index) in &pairs {
+            if pnl[index as usize] >= pnl_min {
+                rows[index as usize] = row;
+                row += 1;
+            }
+        }
+        Ok(Self::Mapped(rows))
+    }
+
+    /// Writes the participants' ids in ascending order into `out` when the map knows them
+    /// without the input (returns false otherwise: the rows must carry their ids).
+    pub(crate) fn write_ids(&self, out: &mut [u64]) -> bool {
+        match self {
+            Self::Ranked(ranks) => {
+                ranks.write_ids(out);
+                true
+            }
+            Self::Mapped(_) => false,
+        }
+    }
+
+    /// The row of the participant at input `index` with id `id`.
+    #[inline]
+    pub(crate) fn row(&self, index: usize, id: u64) -> usize {
+        match self {
+            Self::Ranked(ranks) => ranks.rank(id),
+            Self::Mapped(rows) => rows[index] as usize,
+        }
+    }
+}
+
+/// Id slots per position up to which the bitmaps are used (2 bits a slot for each half of
+/// the input while built, then 2 bits a slot for the ranks: at most 12 bytes a position).
+const DENSE_SLOTS_PER_ID: u128 = 16;
+
+/// One 64-slot word of participant bits and the participants in the words before it.
+#[derive(Clone, Copy, Default)]
+struct RankWord {
+    bits: u64,
+    before: u64,
+}
+
+pub(crate) struct DenseRanks {
+    min: u64,
+    words: Vec<RankWord>,
+}
+
+impl DenseRanks {
+    /// `None` on a duplicate id (the sort then names the smallest, whatever the input order).
+    /// Each half of the input marks its own bitmaps (2 bits a slot: seen, participant), in
+    /// parallel; an id seen by both halves is a duplicate too.
+    fn build(ids: &[u64], pnl: &[i64], pnl_min: i64, min: u64, slots: usize) -> Option<Self> {
+        let words = slots.div_ceil(64);
+        let half = ids.len().div_ceil(2).max(1);
+        let mark = |(ids, pnl): (&[u64], &[i64])| {
+            let mut marks = vec![[0u64; 2]; words];
+            for (&id, &value) in ids.iter().zip(pnl) {
+                let slot = (id - min) as usize;
+                let word = &mut marks[slot / 64];
+                let bit = 1u64 << (slot % 64);
+                if word[0] & bit != 0 {
+                    return None;
+                }
+                word[0] |= bit;
+                word[1] |= bit & u64::from(value >= pnl_min).wrapping_neg();
+            }
+            Some(marks)
+        };
+        let halves: Vec<Option<Vec<[u64; 2]>>> = ids
+            .par_chunks(half)
+            .zip(pnl.par_chunks(half))
+            .map(mark)
+            .collect();
+        let mut halves = halves.into_iter().collect::<Option<Vec<_>>>()?.into_iter();
+        let mut marks = halves.next().unwrap_or_default();
+        if let Some(other) = halves.next() {
+            let both = marks
+                .par_iter_mut()
+                .zip(other)
+                .with_min_len(CHUNK_LEN)
+                .map(|(mark, [seen, participant])| {
+                    let both = mark[0] & seen;
+                    mark[0] |= seen;
+                    mark[1] |= participant;
+                    both
+                })
+                .reduce(|| 0, |a, b| a | b);
+            if both != 0 {
+                return None;
+            }
+        }
+        let mut before = 0;
+        let words = marks
+            .iter()
+            .map(|&[_, bits]| {
+                let word = RankWord { bits, before };
+                before += u64::from(bits.count_ones());
+                word
+            })
+            .collect();
+        Some(Self { min, words })
+    }
+
+    /// The participants' ids in ascending order, into `out` (as many as there are).
+    fn write_ids(&self, out: &mut [u64]) {
+        let mut row = 0;
+        for (index, word) in self.words.iter().enumerate() {
+            // At most the largest id: a word only has bits for ids in range.
+            let base = self.min + 64 * index as u64;
+            let mut bits = word.bits;
+            while bits != 0 {
+                out[row] = base + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                row += 1;
+            }
+        }
+    }
+
+    /// The number of participant ids below `id`.
+    #[inline]
+    fn rank(&self, id: u64) -> usize {
+        let slot = id - self.min;
+        let word = self.words[(slot / 64) as usize];
+        let below = word.bits & ((1u64 << (slot % 64)) - 1);
+        (word.before + u64::from(below.count_ones())) as usize
+    }
+}
+
+/// All (id, index) pairs in id order; `Err` names the smallest duplicated id.
+fn sorted_pairs(ids: &[u64]) -> Result<Vec<(u64, u32)>, u64> {
     let mut pairs: Vec<(u64, u32)> = ids
         .par_iter()
         .enumerate()
@@ -80,7 +245,7 @@ fn sorted_order(ids: &[u64]) -> Result<Vec<u32>, u64> {
     if let Some(pair) = pairs.par_windows(2).find_first(|w| w[0].0 == w[1].0) {
         return Err(pair[0].0);
     }
-    Ok(pairs.into_par_iter().map(|(_, index)| index).collect())
+    Ok(pairs)
 }
 
 #[cfg(test)]

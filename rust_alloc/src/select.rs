@@ -1,32 +1,39 @@
 //! Selections without sorting: the cut over the profits and the remainder threshold of the
-//! split. Both are radix selections: a histogram pass finds the bucket holding the answer,
-//! and only that bucket's members are looked at again, so the expected cost is O(n).
-
-use std::cmp::Reverse;
+//! split. Both are radix selections: a histogram pass finds the range holding the answer,
+//! and only that range's members are looked at again, so the expected cost is O(n).
+//!
+//! The first pass over the input ([`scan`]) is shared with the ids: it checks whether they
+//! ascend, takes their range, and histograms the profits by counts only (a u32 per bucket).
+//! Bucket sums are then bounded by count x bucket bounds, which narrows the cut to a few
+//! adjacent buckets; the second pass ([`Profits::cut`]) sums exactly above them and collects
+//! the candidates inside them, per chunk, so each chunk's participant count falls out too.
 
 use rayon::prelude::*;
 
 use crate::CHUNK_LEN;
 
-/// Mantissa bits of the first, logarithmic histogram over the profits: buckets are ~1.6%
-/// wide relative to their values, so heavy-tailed and flat distributions both spread out.
-const MANTISSA_BITS: u32 = 6;
+/// Mantissa bits of the logarithmic histogram over the profits: buckets are ~0.4% wide
+/// relative to their values, so heavy-tailed and flat distributions both spread out.
+const MANTISSA_BITS: u32 = 8;
 const LOG_BUCKETS: usize = ((64 - MANTISSA_BITS) << MANTISSA_BITS) as usize;
-/// Bits of the later, linear histograms (over one bucket's range, or over remainders).
+/// Bits of the later, linear histograms (over the candidates, or over remainders).
 const LINEAR_BITS: u32 = 11;
 /// Below this many candidates, sorting them is cheaper than another histogram round.
 const SORT_LEN_MAX: usize = 4096;
 
 /// The result of the cut: the participants are the profitable positions with
-/// pnl >= `cutoff_pnl`; `count` and `profit` are their number and pnl total.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// pnl >= `cutoff_pnl`; `count` and `profit` are their number and pnl total, and
+/// `chunk_counts` their number in each input chunk of `CHUNK_LEN` positions.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Cut {
     pub cutoff_pnl: i64,
     pub count: u64,
     pub profit: u128,
+    pub chunk_counts: Vec<u32>,
 }
 
-/// A monotone bucket of a positive value: exact below 2^M, then 2^M buckets per octave.
+/// A monotone bucket of a value: exact below 2^M, then 2^M buckets per octave. Bucket 0 is
+/// the value 0, where the scan puts every non-positive pnl.
 fn log_bucket(value: u64) -> usize {
     let bits = 64 - value.leading_zeros();
     if bits <= MANTISSA_BITS {
@@ -38,151 +45,275 @@ fn log_bucket(value: u64) -> usize {
 }
 
 /// The values of a bucket, as an inclusive range (a plain compare is cheaper than the key).
-fn log_bucket_range(bucket: usize) -> (i64, i64) {
+fn log_bucket_range(bucket: usize) -> (u64, u64) {
     let bucket = bucket as u64;
     if bucket < 1 << MANTISSA_BITS {
-        return (bucket as i64, bucket as i64);
+        return (bucket, bucket);
     }
     let (exponent, mantissa) = (bucket >> MANTISSA_BITS, bucket & ((1 << MANTISSA_BITS) - 1));
     let low = ((1 << MANTISSA_BITS) + mantissa) << (exponent - 1);
-    (low as i64, (low + (1 << (exponent - 1)) - 1) as i64)
+    (low, low + (1 << (exponent - 1)) - 1)
 }
 
-/// Count and value total per bucket.
-struct Histogram {
-    count: Vec<u64>,
-    sum: Vec<u128>,
+/// What the first pass learns: the ids' order and range, and the profits.
+pub(crate) struct Scan {
+    /// The ids are strictly ascending (vacuously so when there are none).
+    pub ascending: bool,
+    pub id_min: u64,
+    pub id_max: u64,
+    pub profits: Profits,
+    /// The profitable positions in each input chunk.
+    pub positives: Vec<u32>,
 }
 
-impl Histogram {
-    fn new(buckets: usize) -> Self {
+/// The positive pnl values: their count, total and a count per logarithmic bucket.
+pub(crate) struct Profits {
+    histogram: Vec<u32>,
+    count: u64,
+    total: u128,
+}
+
+/// One chunk's part of the scan.
+#[derive(Clone, Copy, Default)]
+struct ChunkScan {
+    ascending: bool,
+    id_min: u64,
+    id_max: u64,
+    positives: u32,
+}
+
+/// One thread's part of the scan: its histogram and total, and its chunks by index.
+struct ScanPart {
+    histogram: Vec<u32>,
+    total: u128,
+    chunks: Vec<(usize, ChunkScan)>,
+}
+
+impl ScanPart {
+    fn new() -> Self {
         Self {
-            count: vec![0; buckets],
-            sum: vec![0; buckets],
+            histogram: vec![0; LOG_BUCKETS],
+            total: 0,
+            chunks: Vec::new(),
         }
     }
 
-    fn add(&mut self, bucket: usize, value: u64) {
-        self.count[bucket] += 1;
-        self.sum[bucket] += u128::from(value);
-    }
-
-    fn merge(mut self, other: Self) -> Self {
-        for (bucket, (count, sum)) in other.count.into_iter().zip(other.sum).enumerate() {
-            self.count[bucket] += count;
-            self.sum[bucket] += sum;
+    fn add_chunk(mut self, chunk: usize, ids: &[u64], pnl: &[i64]) -> Self {
+        let ascending = ids.windows(2).all(|pair| pair[0] < pair[1]);
+        let (id_min, id_max) = if ascending {
+            (ids[0], ids[ids.len() - 1])
+        } else {
+            let min = ids.iter().copied().min().unwrap_or(u64::MAX);
+            (min, ids.iter().copied().max().unwrap_or(0))
+        };
+        // Branch-free: a non-positive pnl counts in bucket 0 and adds 0. The total is kept
+        // as two u64 halves (a chunk is far below 2^32 values), joined once per chunk.
+        let (mut low, mut high, mut positives) = (0u64, 0u64, 0u32);
+        for &value in pnl {
+            let profit = value.max(0) as u64;
+            self.histogram[log_bucket(profit)] += 1;
+            low += profit & 0xffff_ffff;
+            high += profit >> 32;
+            positives += u32::from(value > 0);
         }
+        self.total += (u128::from(high) << 32) + u128::from(low);
+        let scan = ChunkScan {
+            ascending,
+            id_min,
+            id_max,
+            positives,
+        };
+        self.chunks.push((chunk, scan));
         self
     }
 
-    /// Walking down from the top bucket, the bucket where the running sum first reaches
-    /// `target`, with the count and sum of the buckets above it. Requires total >= target.
-    fn crossing(&self, target: u128) -> (usize, u64, u128) {
-        let (mut count_above, mut sum_above) = (0u64, 0u128);
-        for bucket in (0..self.sum.len()).rev() {
-            if sum_above + self.sum[bucket] >= target {
-                return (bucket, count_above, sum_above);
-            }
-            count_above += self.count[bucket];
-            sum_above += self.sum[bucket];
-        }
-        unreachable!("the histogram total is below the target")
+    fn merge(mut self, other: Self) -> Self {
+        let counts = self.histogram.iter_mut().zip(&other.histogram);
+        counts.for_each(|(a, &b)| *a += b);
+        self.total += other.total;
+        self.chunks.extend(other.chunks);
+        self
     }
 }
 
-/// The positive pnl values: their count, total and logarithmic histogram, from one pass.
-pub(crate) struct Profits {
-    histogram: Histogram,
+/// The first pass: ids ascending and their range, and the profits, by chunks in parallel.
+/// Requires equal lengths of at most `u32::MAX`.
+pub(crate) fn scan(ids: &[u64], pnl: &[i64]) -> Scan {
+    debug_assert_eq!(ids.len(), pnl.len());
+    let part = ids
+        .par_chunks(CHUNK_LEN)
+        .zip(pnl.par_chunks(CHUNK_LEN))
+        .enumerate()
+        .fold(ScanPart::new, |part, (chunk, (ids, pnl))| {
+            part.add_chunk(chunk, ids, pnl)
+        })
+        .reduce(ScanPart::new, ScanPart::merge);
+    let mut chunks = vec![ChunkScan::default(); ids.len().div_ceil(CHUNK_LEN)];
+    for (index, chunk) in part.chunks {
+        chunks[index] = chunk;
+    }
+    let ascending = chunks.iter().all(|chunk| chunk.ascending)
+        && chunks
+            .windows(2)
+            .all(|pair| pair[0].id_max < pair[1].id_min);
+    let profit_count = ids.len() as u64 - u64::from(part.histogram[0]);
+    Scan {
+        ascending,
+        id_min: chunks.iter().map(|c| c.id_min).min().unwrap_or(0),
+        id_max: chunks.iter().map(|c| c.id_max).max().unwrap_or(0),
+        positives: chunks.iter().map(|c| c.positives).collect(),
+        profits: Profits {
+            histogram: part.histogram,
+            count: profit_count,
+            total: part.total,
+        },
+    }
 }
 
 impl Profits {
-    pub(crate) fn of(pnl: &[i64]) -> Self {
-        let histogram = pnl
-            .par_chunks(CHUNK_LEN)
-            .fold(
-                || Histogram::new(LOG_BUCKETS),
-                |mut histogram, chunk| {
-                    for &value in chunk.iter().filter(|&&value| value > 0) {
-                        histogram.add(log_bucket(value as u64), value as u64);
-                    }
-                    histogram
-                },
-            )
-            .reduce(|| Histogram::new(LOG_BUCKETS), Histogram::merge);
-        Self { histogram }
-    }
-
     pub(crate) fn count(&self) -> u64 {
-        self.histogram.count.iter().sum()
+        self.count
     }
 
     pub(crate) fn total(&self) -> u128 {
-        self.histogram.sum.iter().sum()
+        self.total
+    }
+
+    /// The values that can hold the cut, as an inclusive range: walking down from the top
+    /// bucket, bucket sums lie between count x low and count x high, so the crossing of
+    /// `threshold` is at or below the first bucket whose upper running sum reaches it, and
+    /// at or above the first whose lower running sum does.
+    fn candidate_range(&self, threshold: u128) -> (u64, u64) {
+        let (mut lower, mut upper) = (0u128, 0u128);
+        let mut top = None;
+        for bucket in (1..LOG_BUCKETS).rev() {
+            let count = u128::from(self.histogram[bucket]);
+            if count == 0 {
+                continue;
+            }
+            let (low, high) = log_bucket_range(bucket);
+            lower += count * u128::from(low);
+            upper += count * u128::from(high);
+            if top.is_none() && upper >= threshold {
+                top = Some(high);
+            }
+            if lower >= threshold {
+                return (low, top.expect("upper sums bound lower sums"));
+            }
+        }
+        (1, top.expect("the total reaches the threshold"))
     }
 
     /// The cut over `pnl` (the values these profits were taken from): ranking the positive
     /// values largest first, the value at which the running total first reaches `threshold`,
     /// with every value tied to it included. Nobody when nothing is profitable.
     /// Requires 1 <= threshold <= total when total > 0.
-    pub(crate) fn cut(self, pnl: &[i64], threshold: u128) -> Cut {
-        if self.total() == 0 {
+    pub(crate) fn cut(&self, pnl: &[i64], threshold: u128) -> Cut {
+        let chunks = pnl.len().div_ceil(CHUNK_LEN);
+        if self.total == 0 {
             return Cut {
                 cutoff_pnl: 0,
                 count: 0,
                 profit: 0,
+                chunk_counts: vec![0; chunks],
             };
         }
-        cut_from(self.histogram, pnl, threshold)
+        let (low, high) = self.candidate_range(threshold);
+        let (low, high) = (low as i64, high as i64);
+        let parts: Vec<(u32, u128, Vec<u64>)> = pnl
+            .par_chunks(CHUNK_LEN)
+            .map(|chunk| {
+                let (mut count, mut sum_low, mut sum_high) = (0u32, 0u64, 0u64);
+                let mut candidates = Vec::new();
+                for &value in chunk {
+                    let above = value > high;
+                    let profit = (value as u64) & u64::from(above).wrapping_neg();
+                    count += u32::from(above);
+                    sum_low += profit & 0xffff_ffff;
+                    sum_high += profit >> 32;
+                    if low <= value && !above {
+                        candidates.push(value as u64);
+                    }
+                }
+                let sum = (u128::from(sum_high) << 32) + u128::from(sum_low);
+                (count, sum, candidates)
+            })
+            .collect();
+        let count_above: u64 = parts.iter().map(|part| u64::from(part.0)).sum();
+        let sum_above: u128 = parts.iter().map(|part| part.1).sum();
+        let mut candidates = Vec::with_capacity(parts.iter().map(|part| part.2.len()).sum());
+        parts.iter().for_each(|part| candidates.extend(&part.2));
+        let (cutoff_pnl, count, profit) = refine(candidates, threshold, count_above, sum_above);
+        let chunk_counts = parts
+            .par_iter()
+            .map(|(above, _, candidates)| {
+                let tied_or_above = candidates.iter().filter(|&&v| v >= cutoff_pnl as u64);
+                above + tied_or_above.count() as u32
+            })
+            .collect();
+        Cut {
+            cutoff_pnl,
+            count,
+            profit,
+            chunk_counts,
+        }
     }
 }
 
-fn cut_from(histogram: Histogram, pnl: &[i64], threshold: u128) -> Cut {
-    let (bucket, mut count_above, mut sum_above) = histogram.crossing(threshold);
-    let (low, high) = log_bucket_range(bucket);
-    let parts: Vec<Vec<u64>> = pnl
-        .par_chunks(CHUNK_LEN)
-        .map(|chunk| {
-            let in_bucket = |&&value: &&i64| low <= value && value <= high;
-            chunk
-                .iter()
-                .filter(in_bucket)
-                .map(|&value| value as u64)
-                .collect()
-        })
-        .collect();
-    let mut candidates = Vec::with_capacity(histogram.count[bucket] as usize);
-    parts.into_iter().for_each(|part| candidates.extend(part));
-    drop(histogram);
-
+/// The cut among `candidates`, given the count and sum of the values above them all
+/// (`sum_above` < `threshold` <= `sum_above` + the candidates' sum): linear histogram rounds
+/// narrow the candidates to the bucket holding the crossing, until few enough to sort.
+/// Returns the cutoff value and the count and sum of the values at or above it.
+fn refine(
+    mut candidates: Vec<u64>,
+    threshold: u128,
+    mut count_above: u64,
+    mut sum_above: u128,
+) -> (i64, u64, u128) {
     loop {
         let target = threshold - sum_above;
         if candidates.len() <= SORT_LEN_MAX {
-            return cut_sorted(candidates, target, count_above, sum_above);
+            return refine_sorted(candidates, target, count_above, sum_above);
         }
         let low = *candidates.iter().min().expect("candidates are non-empty");
         let high = *candidates.iter().max().expect("candidates are non-empty");
         if low == high {
             let count = candidates.len() as u64;
             let profit = sum_above + u128::from(low) * u128::from(count);
-            return Cut {
-                cutoff_pnl: low as i64,
-                count: count_above + count,
-                profit,
-            };
+            return (low as i64, count_above + count, profit);
         }
         let shift = (64 - (high - low).leading_zeros()).saturating_sub(LINEAR_BITS);
-        let mut histogram = Histogram::new(((high - low) >> shift) as usize + 1);
+        let buckets = ((high - low) >> shift) as usize + 1;
+        let (mut counts, mut sums) = (vec![0u64; buckets], vec![0u128; buckets]);
         for &value in &candidates {
-            histogram.add(((value - low) >> shift) as usize, value);
+            let bucket = ((value - low) >> shift) as usize;
+            counts[bucket] += 1;
+            sums[bucket] += u128::from(value);
         }
-        let (bucket, count, sum) = histogram.crossing(target);
-        count_above += count;
-        sum_above += sum;
+        let (mut running_count, mut running_sum) = (0u64, 0u128);
+        let bucket = (0..buckets)
+            .rev()
+            .find(|&bucket| {
+                if running_sum + sums[bucket] >= target {
+                    return true;
+                }
+                running_count += counts[bucket];
+                running_sum += sums[bucket];
+                false
+            })
+            .expect("the candidates reach the target");
+        count_above += running_count;
+        sum_above += running_sum;
         candidates.retain(|&value| ((value - low) >> shift) as usize == bucket);
     }
 }
 
-fn cut_sorted(mut candidates: Vec<u64>, target: u128, count_above: u64, sum_above: u128) -> Cut {
+fn refine_sorted(
+    mut candidates: Vec<u64>,
+    target: u128,
+    count_above: u64,
+    sum_above: u128,
+) -> (i64, u64, u128) {
     candidates.sort_unstable_by(|a, b| b.cmp(a));
     let mut running = 0u128;
     let crossing = candidates
@@ -198,41 +329,11 @@ fn cut_sorted(mut candidates: Vec<u64>, target: u128, count_above: u64, sum_abov
         .iter()
         .map(|&value| u128::from(value))
         .sum();
-    Cut {
-        cutoff_pnl: cutoff as i64,
-        count: count_above + count as u64,
-        profit: sum_above + profit,
-    }
-}
-
-/// The order of the split's leftover units: larger remainder, then larger pnl, then smaller
-/// position_id. Unique per position because position ids are.
-pub(crate) type Rank = (u128, i64, Reverse<u64>);
-
-/// The k-th largest of `ranks` (1-based `k`; `None` when `k` is 0), given the count of
-/// ranks per remainder bucket (`remainder >> shift`). Looks again only at the ranks in the
-/// bucket holding the k-th. Requires k <= the number of ranks.
-pub(crate) fn kth_largest_rank<I>(ranks: I, counts: &[u64], k: u64, shift: u32) -> Option<Rank>
-where
-    I: ParallelIterator<Item = Rank>,
-{
-    if k == 0 {
-        return None;
-    }
-    let mut above = 0u64;
-    let bucket = (0..counts.len())
-        .rev()
-        .find(|&bucket| {
-            above += counts[bucket];
-            above >= k
-        })
-        .expect("k is at most the number of ranks");
-    let position = (k - (above - counts[bucket]) - 1) as usize;
-    let mut candidates: Vec<Rank> = ranks
-        .filter(|&(remainder, _, _)| (remainder >> shift) as usize == bucket)
-        .collect();
-    let (_, kth, _) = candidates.select_nth_unstable_by(position, |a, b| b.cmp(a));
-    Some(*kth)
+    (
+        cutoff as i64,
+        count_above + count as u64,
+        sum_above + profit,
+    )
 }
 
 #[cfg(test)]
@@ -252,37 +353,27 @@ mod tests {
         assert!(values.iter().all(|&value| log_bucket(value) < LOG_BUCKETS));
         for &value in values.iter().filter(|&&value| value > 0) {
             let (low, high) = log_bucket_range(log_bucket(value));
-            assert!(low as u64 <= value && value <= high as u64, "{value}");
-            assert_eq!(log_bucket(low as u64), log_bucket(value));
-            assert_eq!(log_bucket(high as u64), log_bucket(value));
+            assert!(low <= value && value <= high, "{value}");
+            assert_eq!(log_bucket(low), log_bucket(value));
+            assert_eq!(log_bucket(high), log_bucket(value));
         }
     }
 
     #[test]
     fn cut_includes_ties_and_refines_large_buckets() {
-        let cut = |pnl: &[i64], threshold| Profits::of(pnl).cut(pnl, threshold);
-        let expected = Cut {
-            cutoff_pnl: 150,
-            count: 3,
-            profit: 950,
+        let cut = |pnl: &[i64], threshold| {
+            let ids: Vec<u64> = (0..pnl.len() as u64).collect();
+            let cut = scan(&ids, pnl).profits.cut(pnl, threshold);
+            assert_eq!(
+                cut.chunk_counts.iter().map(|&c| u64::from(c)).sum::<u64>(),
+                cut.count
+            );
+            (cut.cutoff_pnl, cut.count, cut.profit)
         };
+        let expected = (150, 3, 950);
         assert_eq!(cut(&[500, 300, 150, 50, -80], 900), expected);
-        assert_eq!(
-            cut(&[5, 5, 5, 1], 6),
-            Cut {
-                cutoff_pnl: 5,
-                count: 3,
-                profit: 15
-            }
-        );
-        assert_eq!(
-            cut(&[-5, 0], 1),
-            Cut {
-                cutoff_pnl: 0,
-                count: 0,
-                profit: 0
-            }
-        );
+        assert_eq!(cut(&[5, 5, 5, 1], 6), (5, 3, 15));
+        assert_eq!(cut(&[-5, 0], 1), (0, 0, 0));
         // 100k values in one log bucket force linear refinement rounds.
         let pnl: Vec<i64> = (0..100_000)
             .map(|i| 1_000_000 + (i * 7919) % 10_000)
@@ -298,11 +389,11 @@ mod tests {
         });
         let cutoff = sorted[crossing.unwrap()];
         let members = sorted.iter().filter(|&&v| v >= cutoff);
-        let expected = Cut {
-            cutoff_pnl: cutoff,
-            count: members.clone().count() as u64,
-            profit: members.map(|&v| v as u128).sum(),
-        };
+        let expected = (
+            cutoff,
+            members.clone().count() as u64,
+            members.map(|&v| v as u128).sum(),
+        );
         assert_eq!(cut(&pnl, threshold), expected);
     }
 }

@@ -176,6 +176,40 @@ fn errors_name_the_problem() {
     );
 }
 
+#[test]
+fn duplicates_are_named_whatever_the_layout() {
+    let p = policy("0.2", "0.9");
+    let check = |ids: &[u64], want: u64| {
+        let pnl: Vec<i64> = (0..ids.len() as i64).map(|i| i % 7 - 2).collect();
+        let positions = Positions {
+            position_id: ids,
+            account_id: ids,
+            pnl: &pnl,
+        };
+        let got = allocate(1000, 0, p, positions).unwrap_err();
+        assert_eq!(got, AllocError::DuplicatePositionId(want));
+    };
+    let n = 100_000u64;
+    // Dense and shuffled: the repeats in one half, then across the halves.
+    let mut ids: Vec<u64> = (0..n).map(|i| (i * 7919) % n).collect();
+    ids[10] = ids[20];
+    ids[30] = ids[40];
+    check(&ids, ids[20].min(ids[40]));
+    let mut ids: Vec<u64> = (0..n).map(|i| (i * 7919) % n).collect();
+    ids[(n - 1) as usize] = ids[1];
+    check(&ids, ids[1]);
+    // Sparse.
+    let mut ids: Vec<u64> = (0..n)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    ids[5] = ids[99_999];
+    check(&ids, ids[5]);
+    // Ascending but for one repeat at a chunk boundary.
+    let mut ids: Vec<u64> = (0..n).collect();
+    ids[1 << 15] = ids[(1 << 15) - 1];
+    check(&ids, (1 << 15) - 1);
+}
+
 /// The rules written the obvious way: full sorts, u128 shares, a sort of the remainders.
 fn reference(
     loss: i64,
@@ -304,6 +338,7 @@ proptest! {
         id_base in prop_oneof![Just(0u64), Just(u64::MAX - 100_000), any::<u32>().prop_map(u64::from)],
         id_stride in prop_oneof![Just(1u64), Just(3), Just(1 << 40)],
         shuffle_seed in any::<u64>(),
+        ordered in any::<bool>(),
     ) {
         let q_den = 10u64.pow(q_places);
         let q_num = q_seed % (q_den + 1);
@@ -317,7 +352,11 @@ proptest! {
             .collect();
         // Shuffle deterministically: multiplying by an odd number permutes u64.
         let mut shuffled = rows.clone();
-        shuffled.sort_by_key(|r| r.0.wrapping_mul(shuffle_seed | 1));
+        if ordered {
+            shuffled.sort_by_key(|r| r.0);
+        } else {
+            shuffled.sort_by_key(|r| r.0.wrapping_mul(shuffle_seed | 1));
+        }
         let ids: Vec<u64> = shuffled.iter().map(|r| r.0).collect();
         let accounts: Vec<u64> = shuffled.iter().map(|r| r.0 ^ 0xabc).collect();
         let pnl: Vec<i64> = shuffled.iter().map(|r| r.1).collect();
@@ -332,7 +371,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(12))]
+    #![proptest_config(ProptestConfig::with_cases(24))]
 
     /// Sizes past one parallel chunk and the sort threshold: the refinement rounds of the
     /// cut, the remainder selection and the slot and sort orders of the ids all run.
@@ -340,8 +379,9 @@ proptest! {
     fn matches_the_reference_at_scale(
         len in 30_000usize..80_000,
         spread in prop_oneof![Just(3i64), Just(1000), Just(1 << 40)],
-        loss_divisor in 1i64..5,
+        loss_divisor in 0i64..5,
         sparse_ids in any::<bool>(),
+        ordered in any::<bool>(),
         seed in any::<u64>(),
     ) {
         let mut state = seed | 1;
@@ -358,12 +398,17 @@ proptest! {
             })
             .collect();
         let mut shuffled = rows.clone();
-        shuffled.sort_by_key(|r| r.0.wrapping_mul(seed | 1));
+        if ordered {
+            shuffled.sort_by_key(|r| r.0);
+        } else {
+            shuffled.sort_by_key(|r| r.0.wrapping_mul(seed | 1));
+        }
         let ids: Vec<u64> = shuffled.iter().map(|r| r.0).collect();
         let accounts: Vec<u64> = shuffled.iter().map(|r| r.0 ^ 0xabc).collect();
         let pnl: Vec<i64> = shuffled.iter().map(|r| r.1).collect();
         let profit: i64 = pnl.iter().filter(|&&v| v > 0).map(|&v| v / 4).sum();
-        let loss = profit / loss_divisor;
+        // Divisor 0: a loss beyond all profit, so everyone pays their whole pnl.
+        let loss = if loss_divisor == 0 { profit.saturating_mul(8) } else { profit / loss_divisor };
         let positions = Positions { position_id: &ids, account_id: &accounts, pnl: &pnl };
         let got = allocate(loss, 1000, policy("0.2", "0.9"), positions).unwrap();
         prop_assert_eq!(got, reference(loss, 1000, (2, 10), (9, 10), &rows));

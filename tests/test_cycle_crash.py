@@ -28,17 +28,23 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import psycopg
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from ledger.api.v1 import insurance_pb2 as pb
 from tests import cycle_streams as cs
 from tests.conftest import Client
 from tests.cycle_streams import Positions
 from tests.ledger_db import snapshot
-from tests.test_cycle import JPY, deposit, fields, get_cycle, liquidate, market
+from tests.test_cycle import (
+    JPY,
+    WriteWatch,
+    deposit,
+    fields,
+    get_cycle,
+    liquidate,
+    market,
+)
 from tests.test_server_process import free_port, wait_serving
 
 POSITIONS = 2_500_000
@@ -47,7 +53,6 @@ PNL = 1_000
 LOSS = 7 * POSITIONS + 12_345
 FUND = 50_000
 WRITE_SEEN_TIMEOUT_SECONDS = 60
-WAL_GROWTH_BYTES = 16 * 1024 * 1024  # well into the allocation rows (≈ 50 bytes a row)
 
 
 @contextmanager
@@ -174,29 +179,6 @@ def assert_allocations_exact(database_url: str) -> None:
     assert by_amount[base + 1][0] == extra
     assert by_amount[base + 1][2] < by_amount[base][1]
     assert by_amount[base][3] + by_amount[base + 1][3] == profitable * PNL
-
-
-class WriteWatch:
-    """Polls the database until the allocation rows are being written."""
-
-    def __init__(self, database_url: str) -> None:
-        self.url = database_url
-        self.sqlite = make_url(database_url).get_backend_name() == "sqlite"
-        if self.sqlite:
-            self.wal = Path(str(make_url(database_url).database) + "-wal")
-            self.wal_start = self.wal.stat().st_size if self.wal.exists() else 0
-
-    def in_write_phase(self) -> bool:
-        if self.sqlite:
-            size = self.wal.stat().st_size if self.wal.exists() else 0
-            return size > self.wal_start + WAL_GROWTH_BYTES
-        libpq = make_url(self.url).set(drivername="postgresql").render_as_string(False)
-        with psycopg.connect(libpq, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND state = 'active' AND query ILIKE 'COPY allocations%'"
-            ).fetchone()
-        return bool(row and row[0])
 
 
 @pytest.mark.slow

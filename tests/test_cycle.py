@@ -582,7 +582,7 @@ def test_cycles_in_sequence_draw_on_the_fund_left(client: Client, database_url: 
 # --- the digest, repeats and conflicts ------------------------------------------------------
 
 
-def test_hand_encoded_chunks_are_the_contract(client: Client) -> None:
+def test_hand_encoded_chunks_are_the_contract() -> None:
     """cycle_streams' encoder writes what the generated classes write."""
     positions = Positions.of([(U63 + 5, 2**64 - 1, -(2**63)), (0, 0, 0), (7, 300, 2**63 - 1)])
     chunk = pb.PositionChunk(

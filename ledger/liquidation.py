@@ -11,10 +11,9 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from fractions import Fraction
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import func, insert, select, tuple_
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ledger import journal, money
@@ -54,7 +53,7 @@ class Outcome(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class LiquidationRequest:
-    """A validated report; decimals are kept exact and in canonical text for the hash."""
+    """A validated report; decimals are kept exact, and `digest` is its request hash."""
 
     liquidation_id: str
     cycle_id: str
@@ -66,21 +65,7 @@ class LiquidationRequest:
     takeover_price: Decimal
     close_price: Decimal
     remaining_margin: int
-
-    @property
-    def digest(self) -> str:
-        return request_hash(
-            liquidation_id=self.liquidation_id,
-            cycle_id=self.cycle_id,
-            symbol=self.symbol,
-            account_id=self.account_id,
-            position_id=self.position_id,
-            side=int(self.side),
-            quantity=money.canonical(self.quantity),
-            takeover_price=money.canonical(self.takeover_price),
-            close_price=money.canonical(self.close_price),
-            remaining_margin=self.remaining_margin,
-        )
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,30 +90,53 @@ def validate(
     close_price: str,
     remaining_margin: int,
 ) -> LiquidationRequest:
-    """Check every field that needs no database; raises InvalidArgument naming the field."""
+    """Check every field that needs no database; raises InvalidArgument naming the field.
+
+    The request hash is taken here, in the caller's thread, so that the single writer of a
+    group commit does no per-request hashing.
+    """
     money.identifier("liquidation_id", liquidation_id)
     money.identifier("cycle_id", cycle_id)
     money.identifier("symbol", symbol)
     for field, value in (("account_id", account_id), ("position_id", position_id)):
         if not 0 <= value <= UINT64_MAX:
             raise InvalidArgument(field, value, "must be an unsigned 64-bit integer")
-    if side not in Side.__members__.values():
+    if side not in _SIDES:
         raise InvalidArgument("side", side, "must be LONG (1) or SHORT (2)")
     money.minor_units("remaining_margin", remaining_margin)
     if remaining_margin < 0:
         raise InvalidArgument("remaining_margin", remaining_margin, "must not be negative")
-    return LiquidationRequest(
+    q = money.positive_decimal("quantity", quantity)
+    takeover = money.positive_decimal("takeover_price", takeover_price)
+    close = money.positive_decimal("close_price", close_price)
+    digest = request_hash(
         liquidation_id=liquidation_id,
         cycle_id=cycle_id,
         symbol=symbol,
         account_id=account_id,
         position_id=position_id,
-        side=Side(side),
-        quantity=money.positive_decimal("quantity", quantity),
-        takeover_price=money.positive_decimal("takeover_price", takeover_price),
-        close_price=money.positive_decimal("close_price", close_price),
+        side=side,
+        quantity=money.canonical(q),
+        takeover_price=money.canonical(takeover),
+        close_price=money.canonical(close),
         remaining_margin=remaining_margin,
     )
+    return LiquidationRequest(
+        liquidation_id,
+        cycle_id,
+        symbol,
+        account_id,
+        position_id,
+        _SIDES[side],
+        q,
+        takeover,
+        close,
+        remaining_margin,
+        digest,
+    )
+
+
+_SIDES = {int(s): s for s in Side}
 
 
 def engine_result(
@@ -141,18 +149,24 @@ def engine_result(
     remaining_margin: int,
     scale: int,
 ) -> int:
-    """remaining_margin + the engine's pnl in minor units, exact, rounded toward −∞."""
-    q, m = Fraction(quantity), Fraction(multiplier)
-    takeover, close = Fraction(takeover_price), Fraction(close_price)
-    if kind == ContractKind.LINEAR:
-        move = close - takeover if side == Side.LONG else takeover - close
-        pnl = move * q * m
-    else:  # INVERSE: pnl in the coin, for a face value `multiplier` in the quote currency
-        move = (1 / takeover - 1 / close) if side == Side.LONG else (1 / close - 1 / takeover)
-        pnl = q * m * move
+    """remaining_margin + the engine's pnl in minor units, exact, rounded toward −∞.
+
+    Every decimal is an exact ratio of integers, so the pnl is one fraction num / den with
+    den > 0 (prices are positive), and Python's floor division of the integers is the floor
+    of the exact value: no Fraction normalisation on the hot path, no float anywhere.
+    """
+    qn, qd = quantity.as_integer_ratio()
+    mn, md = multiplier.as_integer_ratio()
+    tn, td = takeover_price.as_integer_ratio()
+    cn, cd = close_price.as_integer_ratio()
+    if kind == ContractKind.LINEAR:  # close − takeover = (cn·td − tn·cd) / (cd·td)
+        num, den = cn * td - tn * cd, cd * td
+    else:  # INVERSE, face value `multiplier`: 1/takeover − 1/close = (td·cn − cd·tn) / (tn·cn)
+        num, den = td * cn - cd * tn, tn * cn
+    if side == Side.SHORT:
+        num = -num
     units_per_major: int = 10**scale
-    minor = pnl * units_per_major
-    return remaining_margin + minor.numerator // minor.denominator  # floor, exact
+    return remaining_margin + (num * qn * mn * units_per_major) // (den * qd * md)
 
 
 def outcome_of(result: int) -> Outcome:
@@ -171,6 +185,99 @@ class _Contract:
     scale: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    request_hash: str
+    result: LiquidationResult
+
+
+class _Driver:
+    """The batch's own statements, sent straight through the DBAPI cursor of the session's
+    connection (so inside its transaction).
+
+    The single writer of a group commit runs these for every batch while every RPC thread
+    waits for it, under one GIL: SQLAlchemy's execution path costs tens of microseconds a
+    statement, the driver's a few. The statements are plain enough to read as SQL; the
+    inserts take their column lists from the models so that they cannot drift from them.
+    """
+
+    def __init__(self, session: Session) -> None:
+        connection = session.connection()
+        self.is_sqlite = connection.dialect.name == "sqlite"
+        self._mark = "?" if self.is_sqlite else "%s"  # sqlite3: qmark; psycopg: format
+        self._cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+
+    def rows(self, sql: str, keys: set[str]) -> list[tuple[Any, ...]]:
+        """Run `sql` with its one `IN ({})` list filled with `keys`, in chunks."""
+        found: list[tuple[Any, ...]] = []
+        for chunk in _chunks(sorted(keys)):
+            self._cursor.execute(sql.format(", ".join([self._mark] * len(chunk))), chunk)
+            found.extend(self._cursor.fetchall())
+        return found
+
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+        """Insert rows of `columns`: one executemany on SQLite (a loop in C), one multi-row
+        VALUES statement a chunk on PostgreSQL (one round trip)."""
+        values = "(" + ", ".join([self._mark] * len(columns)) + ")"
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+        if self.is_sqlite:
+            self._cursor.executemany(sql + values, rows)
+            return
+        for chunk in _chunks(list(rows)):
+            flat = [value for row in chunk for value in row]
+            self._cursor.execute(sql + ", ".join([values] * len(chunk)), flat)
+
+
+_ENTRY_COLUMNS = (
+    "id",
+    "currency",
+    "kind",
+    "reference",
+    "debit_account",
+    "credit_account",
+    "amount",
+    "memo",
+    "created_at_us",
+)
+_LIQUIDATION_COLUMNS = (
+    "liquidation_id",
+    "request_hash",
+    "currency",
+    "cycle_id",
+    "symbol",
+    "account_id",
+    "position_id",
+    "side",
+    "quantity",
+    "takeover_price",
+    "close_price",
+    "remaining_margin",
+    "engine_result",
+    "outcome",
+    "fund_balance_after",
+    "entry_id",
+    "created_at_us",
+)
+# Every column of the models, so that a new column cannot be silently left out.
+assert set(_ENTRY_COLUMNS) == set(models.Entry.__table__.columns.keys())
+assert set(_LIQUIDATION_COLUMNS) == set(models.Liquidation.__table__.columns.keys())
+
+_SELECT_CONTRACTS = (
+    "SELECT contracts.symbol, contracts.margin_currency, contracts.kind, contracts.multiplier,"
+    " currencies.scale FROM contracts"
+    " JOIN currencies ON currencies.code = contracts.margin_currency"
+    " WHERE contracts.symbol IN ({})"
+)
+_SELECT_PREVIOUS = (
+    "SELECT liquidation_id, request_hash, currency, engine_result, outcome, fund_balance_after,"
+    " entry_id FROM liquidations WHERE liquidation_id IN ({})"
+)
+_SELECT_CLOSED = "SELECT currency, cycle_id FROM cycles WHERE cycle_id IN ({})"
+_SELECT_FUNDS = (
+    f"SELECT currency, balance FROM accounts WHERE name = '{INSURANCE_FUND}' AND currency IN ({{}})"
+)
+
+
 def record_batch(
     session: Session, requests: Sequence[LiquidationRequest]
 ) -> list[LiquidationResult | Exception]:
@@ -179,8 +286,9 @@ def record_batch(
     Each request gets its result or its own error (unknown symbol, result beyond int64, an id
     reused with other content, a closed cycle); the others are written regardless.
     """
+    driver = _Driver(session)
     outcomes: list[LiquidationResult | Exception | None] = [None] * len(requests)
-    contracts = _contracts(session, {r.symbol for r in requests})
+    contracts = _contracts(driver, {r.symbol for r in requests})
     results: dict[int, tuple[str, int]] = {}  # index → (currency, engine_result)
     for i, r in enumerate(requests):
         contract = contracts.get(r.symbol)
@@ -203,10 +311,12 @@ def record_batch(
             )
             continue
         results[i] = (contract.currency, value)
+    if not results:
+        return _complete(outcomes)
 
     lock_system_loss(session, [currency for currency, _ in results.values()])
-    previous = _previous(session, [requests[i].liquidation_id for i in results])
-    closed = _closed_cycles(session, {(c, requests[i].cycle_id) for i, (c, _) in results.items()})
+    previous = _previous(driver, {requests[i].liquidation_id for i in results})
+    closed = _closed_cycles(driver, {requests[i].cycle_id for i in results})
 
     first_in_batch: dict[str, int] = {}
     aliases: dict[int, int] = {}  # a repeat within the batch → the index it repeats
@@ -215,7 +325,7 @@ def record_batch(
         r = requests[i]
         stored = previous.get(r.liquidation_id)
         if stored is not None:
-            outcomes[i] = _repeat_or_conflict(r, stored.request_hash, _stored_result(stored))
+            outcomes[i] = stored.result if stored.request_hash == r.digest else _conflict(r)
         elif r.liquidation_id in first_in_batch:
             j = first_in_batch[r.liquidation_id]
             if requests[j].digest != r.digest:
@@ -231,18 +341,24 @@ def record_batch(
             first_in_batch[r.liquidation_id] = i
             to_write.append(i)
 
-    written = _write(session, requests, results, to_write)
-    outcomes_by_index: dict[int, LiquidationResult | Exception] = {
-        i: o for i, o in enumerate(outcomes) if o is not None
-    }
-    outcomes_by_index.update(written)
+    for i, result in _write(session, driver, requests, results, to_write).items():
+        outcomes[i] = result
     for i, j in aliases.items():
-        outcomes_by_index[i] = outcomes_by_index[j]
-    return [outcomes_by_index[i] for i in range(len(requests))]
+        outcomes[i] = outcomes[j]
+    return _complete(outcomes)
+
+
+def _complete(
+    outcomes: list[LiquidationResult | Exception | None],
+) -> list[LiquidationResult | Exception]:
+    done = [o for o in outcomes if o is not None]
+    assert len(done) == len(outcomes), "a request of the batch was left without an outcome"
+    return done
 
 
 def _write(
     session: Session,
+    driver: _Driver,
     requests: Sequence[LiquidationRequest],
     results: dict[int, tuple[str, int]],
     to_write: list[int],
@@ -272,38 +388,38 @@ def _write(
                 LIQUIDATION_ENGINE,
                 -value,
             )
-    apply_deltas(session, account_deltas(list(transfers.values())))
+    balances = apply_deltas(session, account_deltas(list(transfers.values())))
     entry_ids: dict[int, int] = {}
     if transfers:
         first = reserve_entry_ids(session, len(transfers))
-        entry_ids = {i: first + n for n, i in enumerate(transfers)}
-        session.execute(
-            insert(models.Entry),
-            [
-                {
-                    "id": entry_ids[i],
-                    "currency": t.currency,
-                    "kind": int(t.kind),
-                    "reference": t.reference,
-                    "debit_account": t.debit,
-                    "credit_account": t.credit,
-                    "amount": t.amount,
-                    "memo": "",
-                    "created_at_us": created,
-                }
-                for i, t in transfers.items()
-            ],
-        )
-    # The fund's balance right after each liquidation, in batch order.
+        entry_rows = []
+        for n, (i, t) in enumerate(transfers.items()):
+            entry_ids[i] = first + n
+            entry_rows.append(
+                (
+                    first + n,
+                    t.currency,
+                    int(t.kind),
+                    t.reference,
+                    t.debit,
+                    t.credit,
+                    t.amount,
+                    t.memo,
+                    created,
+                )
+            )
+        driver.insert("entries", _ENTRY_COLUMNS, entry_rows)
+    # The fund's balance right after each liquidation, in batch order: walk back from the
+    # balance after the batch by the batch's inflows, then forward one liquidation at a time.
     currencies = {results[i][0] for i in to_write}
-    final = _fund_balances(session, currencies)
     running = {
-        c: final[c]
-        - sum(
-            t.amount for t in transfers.values() if t.currency == c and t.credit == INSURANCE_FUND
-        )
-        for c in currencies
+        c: balances[(c, INSURANCE_FUND)] for c in currencies if (c, INSURANCE_FUND) in balances
     }
+    if len(running) < len(currencies):  # no inflow to these funds in this batch
+        running.update(_fund_balances(driver, currencies - running.keys()))
+    for t in transfers.values():
+        if t.credit == INSURANCE_FUND:
+            running[t.currency] -= t.amount
     written: dict[int, LiquidationResult] = {}
     rows = []
     for i in to_write:
@@ -321,88 +437,52 @@ def _write(
         )
         written[i] = result
         rows.append(
-            {
-                "liquidation_id": r.liquidation_id,
-                "request_hash": r.digest,
-                "currency": currency,
-                "cycle_id": r.cycle_id,
-                "symbol": r.symbol,
-                "account_id": to_signed(r.account_id),
-                "position_id": to_signed(r.position_id),
-                "side": int(r.side),
-                "quantity": money.canonical(r.quantity),
-                "takeover_price": money.canonical(r.takeover_price),
-                "close_price": money.canonical(r.close_price),
-                "remaining_margin": r.remaining_margin,
-                "engine_result": value,
-                "outcome": int(result.outcome),
-                "fund_balance_after": result.fund_balance,
-                "entry_id": entry_ids.get(i),
-                "created_at_us": created,
-            }
+            (
+                r.liquidation_id,
+                r.digest,
+                currency,
+                r.cycle_id,
+                r.symbol,
+                to_signed(r.account_id),
+                to_signed(r.position_id),
+                int(r.side),
+                money.canonical(r.quantity),
+                money.canonical(r.takeover_price),
+                money.canonical(r.close_price),
+                r.remaining_margin,
+                value,
+                int(result.outcome),
+                result.fund_balance,
+                entry_ids.get(i),
+                created,
+            )
         )
-    session.execute(insert(models.Liquidation), rows)
+    driver.insert("liquidations", _LIQUIDATION_COLUMNS, rows)
     return written
 
 
-def _contracts(session: Session, symbols: set[str]) -> dict[str, _Contract]:
-    found: dict[str, _Contract] = {}
-    for chunk in _chunks(sorted(symbols)):
-        query = (
-            select(models.Contract, models.Currency.scale)
-            .join(models.Currency, models.Currency.code == models.Contract.margin_currency)
-            .where(models.Contract.symbol.in_(chunk))
-        )
-        for contract, scale in session.execute(query):
-            found[contract.symbol] = _Contract(
-                contract.margin_currency,
-                ContractKind(contract.kind),
-                Decimal(contract.multiplier),
-                scale,
-            )
+def _contracts(driver: _Driver, symbols: set[str]) -> dict[str, _Contract]:
+    return {
+        symbol: _Contract(currency, ContractKind(kind), Decimal(multiplier), scale)
+        for symbol, currency, kind, multiplier, scale in driver.rows(_SELECT_CONTRACTS, symbols)
+    }
+
+
+def _previous(driver: _Driver, ids: set[str]) -> dict[str, _Stored]:
+    found: dict[str, _Stored] = {}
+    for lid, digest, currency, value, outcome, fund, entry_id in driver.rows(_SELECT_PREVIOUS, ids):
+        result = LiquidationResult(lid, currency, value, Outcome(outcome), fund, entry_id or 0)
+        found[lid] = _Stored(digest, result)
     return found
 
 
-def _previous(session: Session, ids: list[str]) -> dict[str, models.Liquidation]:
-    found: dict[str, models.Liquidation] = {}
-    for chunk in _chunks(sorted(set(ids))):
-        query = select(models.Liquidation).where(models.Liquidation.liquidation_id.in_(chunk))
-        found.update((row.liquidation_id, row) for row in session.scalars(query))
-    return found
+def _closed_cycles(driver: _Driver, cycle_ids: set[str]) -> set[tuple[str, str]]:
+    """(currency, cycle_id) of the closed cycles among these ids, of any currency."""
+    return {(currency, cycle_id) for currency, cycle_id in driver.rows(_SELECT_CLOSED, cycle_ids)}
 
 
-def _closed_cycles(session: Session, keys: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    closed: set[tuple[str, str]] = set()
-    for chunk in _chunks(sorted(keys)):
-        query = select(models.Cycle.currency, models.Cycle.cycle_id).where(
-            tuple_(models.Cycle.currency, models.Cycle.cycle_id).in_(chunk)
-        )
-        closed.update((c, k) for c, k in session.execute(query))
-    return closed
-
-
-def _fund_balances(session: Session, currencies: set[str]) -> dict[str, int]:
-    query = select(models.Account.currency, models.Account.balance).where(
-        models.Account.currency.in_(sorted(currencies)), models.Account.name == INSURANCE_FUND
-    )
-    return {c: int(b) for c, b in session.execute(query)}
-
-
-def _stored_result(row: models.Liquidation) -> LiquidationResult:
-    return LiquidationResult(
-        row.liquidation_id,
-        row.currency,
-        row.engine_result,
-        Outcome(row.outcome),
-        row.fund_balance_after,
-        row.entry_id or 0,
-    )
-
-
-def _repeat_or_conflict(
-    request: LiquidationRequest, stored_hash: str, stored: LiquidationResult
-) -> LiquidationResult | Exception:
-    return stored if stored_hash == request.digest else _conflict(request)
+def _fund_balances(driver: _Driver, currencies: set[str]) -> dict[str, int]:
+    return {c: int(b) for c, b in driver.rows(_SELECT_FUNDS, currencies)}
 
 
 def _conflict(request: LiquidationRequest) -> AlreadyExists:

@@ -20,6 +20,7 @@ from ledger.limits import (
 _CURRENCY_CODE = re.compile(rf"[A-Z0-9]{{1,{CURRENCY_CODE_LENGTH_MAX}}}")
 # Plain decimal: digits, optionally a point and 1..18 digits. No sign, no exponent, no spaces.
 _DECIMAL = re.compile(rf"(\d+)(?:\.(\d{{1,{DECIMAL_PLACES_MAX}}}))?")
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def currency_code(field: str, code: str) -> str:
@@ -41,7 +42,7 @@ def identifier(field: str, value: str) -> str:
         raise InvalidArgument(field, value, "must not be empty")
     if len(value) > ID_LENGTH_MAX:
         raise InvalidArgument(field, value, f"must be at most {ID_LENGTH_MAX} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+    if _CONTROL_CHARACTER.search(value):
         raise InvalidArgument(field, value, "must not contain control characters")
     return value
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from ledger.db import models
@@ -31,6 +31,43 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+# Hot-path statements, built once against the tables (Core, not ORM: no identity map to keep in
+# step, and SQLAlchemy reuses the compiled form without rebuilding the expression per call).
+_ACCOUNTS = models.Base.metadata.tables["accounts"]
+_COUNTERS = models.Base.metadata.tables["counters"]
+
+_RESERVE_IDS = (
+    update(_COUNTERS)
+    .where(_COUNTERS.c.name == "entry_id")
+    .values(next_value=_COUNTERS.c.next_value + bindparam("count"))
+    .returning(_COUNTERS.c.next_value)
+)
+
+# Every bound is rearranged so that no intermediate value can overflow on either backend.
+_MOVE = (
+    update(_ACCOUNTS)
+    .where(_ACCOUNTS.c.currency == bindparam("b_currency"), _ACCOUNTS.c.name == bindparam("b_name"))
+    .where(_ACCOUNTS.c.credit_total <= bindparam("credit_room"))
+    .where(_ACCOUNTS.c.debit_total <= bindparam("debit_room"))
+    .values(
+        balance=_ACCOUNTS.c.balance + bindparam("delta"),
+        credit_total=_ACCOUNTS.c.credit_total + bindparam("credits"),
+        debit_total=_ACCOUNTS.c.debit_total + bindparam("debits"),
+    )
+    .returning(_ACCOUNTS.c.balance)
+)
+_MOVE_UP = _MOVE.where(_ACCOUNTS.c.balance <= bindparam("bound"))  # bound = INT64_MAX − delta
+_MOVE_DOWN = _MOVE.where(_ACCOUNTS.c.balance >= bindparam("bound"))  # bound = floor − delta
+
+_LOCK_SYSTEM_LOSS = (
+    select(_ACCOUNTS.c.id)
+    .where(_ACCOUNTS.c.currency.in_(bindparam("currencies", expanding=True)))
+    .where(_ACCOUNTS.c.name == SYSTEM_LOSS)
+    .order_by(_ACCOUNTS.c.currency)
+    .with_for_update()
+)
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEntry:
     entry_id: int
@@ -48,12 +85,7 @@ def reserve_entry_ids(session: Session, count: int) -> int:
     """Take `count` consecutive entry ids; returns the first. Holds the counter's row lock
     until the transaction ends, so blocks never overlap, also across server processes."""
     assert count > 0
-    next_value = session.execute(
-        update(models.Counter)
-        .where(models.Counter.name == "entry_id")
-        .values(next_value=models.Counter.next_value + count)
-        .returning(models.Counter.next_value)
-    ).scalar_one()
+    next_value = session.execute(_RESERVE_IDS, {"count": count}).scalar_one()
     return int(next_value) - count
 
 
@@ -109,25 +141,23 @@ def apply_deltas(session: Session, deltas: Deltas) -> dict[tuple[str, str], int]
     balances: dict[tuple[str, str], int] = {}
     for (currency, name), (credits, debits) in sorted(deltas.items()):
         delta = credits - debits
-        account = models.Account
         floor = 0 if name in NON_NEGATIVE_ACCOUNTS else INT64_MIN
-        stmt = (
-            update(account)
-            .where(account.currency == currency, account.name == name)
-            .where(account.credit_total <= INT64_MAX - credits)
-            .where(account.debit_total <= INT64_MAX - debits)
-            .values(
-                balance=account.balance + delta,
-                credit_total=account.credit_total + credits,
-                debit_total=account.debit_total + debits,
-            )
-            .returning(account.balance)
-        )
+        params = {
+            "b_currency": currency,
+            "b_name": name,
+            "credits": credits,
+            "debits": debits,
+            "delta": delta,
+            "credit_room": INT64_MAX - credits,
+            "debit_room": INT64_MAX - debits,
+        }
         if delta > 0:
-            stmt = stmt.where(account.balance <= INT64_MAX - delta)
+            statement, params["bound"] = _MOVE_UP, INT64_MAX - delta
         elif delta < 0:
-            stmt = stmt.where(account.balance >= floor - delta)
-        balance = session.execute(stmt).scalar_one_or_none()
+            statement, params["bound"] = _MOVE_DOWN, floor - delta
+        else:
+            statement = _MOVE
+        balance = session.execute(statement, params).scalar_one_or_none()
         if balance is None:
             _refuse(session, currency, name, delta, floor)
         balances[(currency, name)] = int(balance)
@@ -167,13 +197,7 @@ def lock_system_loss(session: Session, currencies: Sequence[str]) -> None:
     """
     if not currencies or session.get_bind().dialect.name == "sqlite":
         return  # SQLite: BEGIN IMMEDIATE already serialises writers
-    session.execute(
-        select(models.Account.id)
-        .where(models.Account.currency.in_(sorted(set(currencies))))
-        .where(models.Account.name == SYSTEM_LOSS)
-        .order_by(models.Account.currency)
-        .with_for_update()
-    ).all()
+    session.execute(_LOCK_SYSTEM_LOSS, {"currencies": sorted(set(currencies))}).all()
 
 
 def lock_account(session: Session, currency: str, name: str) -> int:

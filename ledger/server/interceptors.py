@@ -18,11 +18,19 @@ Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 if TYPE_CHECKING:  # generic only in grpc-stubs; at runtime the class takes no parameters
     _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+    _Handler = grpc.RpcMethodHandler[Any, Any]
 else:
     _ServerInterceptor = grpc.ServerInterceptor
+    _Handler = grpc.RpcMethodHandler
 
 
 class CallInterceptor(_ServerInterceptor):
+    """Wraps each method's handler once and reuses the wrapper for every later call to it."""
+
+    def __init__(self) -> None:
+        # method → (the handler as registered, its wrapper); grpc asks for every call
+        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
@@ -32,25 +40,33 @@ class CallInterceptor(_ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _unary(method, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _streaming(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, _wrap(method, handler))
+            self._wrapped[method] = cached
+        return cached[1]
+
+
+def _wrap(method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _unary(method, handler.stream_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(method, handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
 
 
 def _unary(method: str, behavior: Behavior) -> Behavior:
@@ -90,6 +106,8 @@ def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> None
 
 
 def _log(method: str, context: grpc.ServicerContext, started: float) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
     code = _code(context) or grpc.StatusCode.OK
     if not context.is_active() and code == grpc.StatusCode.OK:
         code = grpc.StatusCode.CANCELLED

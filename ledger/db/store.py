@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from ledger.db import models
+from ledger.db.session import run_prepared
 from ledger.errors import FailedPrecondition, InvalidArgument, NotFound
 from ledger.journal import (
     NON_NEGATIVE_ACCOUNTS,
@@ -61,9 +62,7 @@ _MOVE_DOWN = _MOVE.where(_ACCOUNTS.c.balance >= bindparam("bound"))  # bound = f
 
 _LOCK_SYSTEM_LOSS = (
     select(_ACCOUNTS.c.id)
-    .where(_ACCOUNTS.c.currency.in_(bindparam("currencies", expanding=True)))
-    .where(_ACCOUNTS.c.name == SYSTEM_LOSS)
-    .order_by(_ACCOUNTS.c.currency)
+    .where(_ACCOUNTS.c.currency == bindparam("b_currency"), _ACCOUNTS.c.name == SYSTEM_LOSS)
     .with_for_update()
 )
 
@@ -85,7 +84,7 @@ def reserve_entry_ids(session: Session, count: int) -> int:
     """Take `count` consecutive entry ids; returns the first. Holds the counter's row lock
     until the transaction ends, so blocks never overlap, also across server processes."""
     assert count > 0
-    next_value = session.execute(_RESERVE_IDS, {"count": count}).scalar_one()
+    ((next_value,),) = run_prepared(session, _RESERVE_IDS, {"count": count})
     return int(next_value) - count
 
 
@@ -157,10 +156,10 @@ def apply_deltas(session: Session, deltas: Deltas) -> dict[tuple[str, str], int]
             statement, params["bound"] = _MOVE_DOWN, floor - delta
         else:
             statement = _MOVE
-        balance = session.execute(statement, params).scalar_one_or_none()
-        if balance is None:
+        rows = run_prepared(session, statement, params)
+        if not rows:
             _refuse(session, currency, name, delta, floor)
-        balances[(currency, name)] = int(balance)
+        balances[(currency, name)] = int(rows[0][0])
     return balances
 
 
@@ -197,7 +196,8 @@ def lock_system_loss(session: Session, currencies: Sequence[str]) -> None:
     """
     if not currencies or session.get_bind().dialect.name == "sqlite":
         return  # SQLite: BEGIN IMMEDIATE already serialises writers
-    session.execute(_LOCK_SYSTEM_LOSS, {"currencies": sorted(set(currencies))}).all()
+    for currency in sorted(set(currencies)):
+        run_prepared(session, _LOCK_SYSTEM_LOSS, {"b_currency": currency})
 
 
 def lock_account(session: Session, currency: str, name: str) -> int:

@@ -1,5 +1,6 @@
 """RecordLiquidation: the engine's result for every contract kind × side, its flow into the
-ledger, idempotency, closed cycles, validation, and group commit under concurrent clients.
+ledger, idempotency, closed cycles, validation, group commit under concurrent clients, and two
+servers writing to one database at once.
 
 Expected results are computed by hand in the table (with the reasoning in each row), not by
 the code under test; the concurrency test recomputes the fund and the loss independently.
@@ -7,16 +8,22 @@ the code under test; the concurrency test recomputes the fund and the loss indep
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 
 import grpc
 import pytest
 from sqlalchemy import create_engine, text
 
+from ledger import liquidation
 from ledger.api.v1 import insurance_pb2 as pb
+from ledger.currency import ContractKind
+from ledger.server.app import LedgerServer, Settings
 from tests.conftest import Client
 from tests.ledger_db import balances_from_journal, cached_balances, snapshot
 
@@ -233,6 +240,43 @@ INVALID = [
 ]
 
 
+def _reference_result(
+    kind: int, side: int, q: str, takeover: str, close: str, m: str, margin: int, scale: int
+) -> int:
+    """The rule as written, in Fractions: slow and obviously right."""
+    fq, fm, ft, fc = Fraction(q), Fraction(m), Fraction(takeover), Fraction(close)
+    if kind == LINEAR:
+        pnl = (fc - ft if side == LONG else ft - fc) * fq * fm
+    else:
+        pnl = fq * fm * ((1 / ft - 1 / fc) if side == LONG else (1 / fc - 1 / ft))
+    return margin + math.floor(pnl * 10**scale)
+
+
+def _decimal_text(rng: random.Random) -> str:
+    whole, places = rng.randint(0, 10**6), rng.randint(0, 18)
+    text = str(whole) + ("." + str(rng.randint(0, 10**places - 1)).zfill(places) if places else "")
+    return text if Decimal(text) > 0 else "1"
+
+
+def test_engine_result_matches_the_fraction_reference() -> None:
+    rng = random.Random(11)
+    for _ in range(5000):
+        kind, side = rng.choice([LINEAR, INVERSE]), rng.choice([LONG, SHORT])
+        q, takeover, close, m = (_decimal_text(rng) for _ in range(4))
+        margin, scale = rng.randint(0, 10**12), rng.randint(0, 18)
+        got = liquidation.engine_result(
+            ContractKind(kind),
+            liquidation.Side(side),
+            Decimal(q),
+            Decimal(takeover),
+            Decimal(close),
+            Decimal(m),
+            margin,
+            scale,
+        )
+        assert got == _reference_result(kind, side, q, takeover, close, m, margin, scale)
+
+
 @pytest.mark.parametrize(("field", "change", "code"), INVALID)
 def test_invalid_liquidation_writes_nothing(
     client: Client, database_url: str, field: str, change: dict[str, object], code: grpc.StatusCode
@@ -300,6 +344,80 @@ def test_concurrent_clients_with_duplicates(client: Client, database_url: str) -
     by_id = {s.request.liquidation_id: s.expected for s in unique}
     for lid, replies in results.items():
         assert all(r == replies[0] for r in replies), lid
+        assert replies[0].engine_result == by_id[lid]
+    inflow = sum(v for v in by_id.values() if v > 0)
+    loss = -sum(v for v in by_id.values() if v < 0)
+    fund = client.query.GetFund(pb.GetFundRequest(currency="USDT"))
+    assert fund.balance == fund.inflow_total == inflow
+    journal = balances_from_journal(database_url)
+    assert journal[("USDT", "insurance_fund")] == inflow
+    assert journal[("USDT", "system_loss")] == -loss
+    assert cached_balances(database_url)[("USDT", "system_loss")] == -loss
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        counts = Counter(
+            r for (r,) in conn.execute(text("SELECT reference FROM entries WHERE kind IN (3, 4)"))
+        )
+        recorded = conn.execute(text("SELECT count(*) FROM liquidations")).scalar_one()
+    engine.dispose()
+    assert recorded == len(unique)
+    assert max(counts.values()) == 1
+    assert len(counts) == sum(1 for v in by_id.values() if v != 0)
+
+
+def test_two_servers_on_one_database_post_each_id_once(client: Client, database_url: str) -> None:
+    """Two server processes' writers (here two servers in one process, each with its own
+    engine, pool and group-commit writer) receive the same liquidations at once, every id
+    sent to both: each id is posted once, both servers answer it alike, and the fund and the
+    system loss equal the sums computed here."""
+    setup_market(client)
+    other = LedgerServer(Settings(listen="127.0.0.1:0", database_url=database_url))
+    other.start()
+    try:
+        targets = [client.target, f"127.0.0.1:{other.port}"]
+        rng = random.Random(7)
+        unique: list[Sent] = []
+        for n in range(1500):
+            side = rng.choice([LONG, SHORT])
+            qty, takeover = rng.randint(1, 50), rng.randint(50_000, 70_000)
+            close = takeover + rng.randint(-500, 500)
+            margin = rng.randint(0, 5_000_000)
+            request = liq(f"M{n}", "BTCUSDT", side, str(qty), str(takeover), str(close), margin)
+            unique.append(Sent(request, _expected_linear(side, qty, takeover, close, margin)))
+        results: dict[str, list[pb.LiquidationResult]] = {}
+        errors: list[Exception] = []
+        lock = threading.Lock()
+
+        def worker(target: str, share: list[Sent]) -> None:
+            own = Client.connect(target)
+            try:
+                for sent in share:
+                    reply = own.clearing.RecordLiquidation(sent.request, timeout=60)
+                    with lock:
+                        results.setdefault(sent.request.liquidation_id, []).append(reply)
+            except Exception as error:  # collected and failed on below
+                errors.append(error)
+            finally:
+                own.channel.close()
+
+        threads = []
+        for target in targets:  # each server gets every id, in its own order, from 8 clients
+            sends = list(unique)
+            rng.shuffle(sends)
+            threads += [
+                threading.Thread(target=worker, args=(target, sends[k::8])) for k in range(8)
+            ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        other.stop(grace_seconds=5)
+    assert not errors
+    by_id = {s.request.liquidation_id: s.expected for s in unique}
+    assert {lid: len(replies) for lid, replies in results.items()} == dict.fromkeys(by_id, 2)
+    for lid, replies in results.items():
+        assert replies[0] == replies[1], lid
         assert replies[0].engine_result == by_id[lid]
     inflow = sum(v for v in by_id.values() if v > 0)
     loss = -sum(v for v in by_id.values() if v < 0)

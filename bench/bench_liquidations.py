@@ -21,9 +21,9 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fresh_database, percentile, server_process  # noqa: E402
-from ledger.api.v1 import insurance_pb2 as pb  # noqa: E402
-from ledger.api.v1 import insurance_pb2_grpc as pb_grpc  # noqa: E402
+from bench.common import fresh_database, percentile, server_process
+from ledger.api.v1 import insurance_pb2 as pb
+from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
 
 LOAD_PROCESSES = 2
 WARMUP_S = 1.0

@@ -822,14 +822,6 @@ def _chunk(rows: list[tuple[int, int, int]]) -> bytes:
 H = cs.header("c1", JPY)
 GOOD = _chunk([(1, 10, 500), (2, 20, 300)])
 
-UNMAPPED = pytest.mark.xfail(
-    strict=True,
-    reason="bug: ledger.alloc's AllocationError (ColumnLengthError, DuplicatePositionError, "
-    "MalformedMessageError) is raised by CycleInputDecoder.feed / input_digest in "
-    "CycleService._receive and has no row in ledger/server/status.py STATUS_BY_ERROR, "
-    "so the client gets INTERNAL 'internal error: <class name>' instead of INVALID_ARGUMENT",
-)
-
 
 def bad(
     name: str,
@@ -857,7 +849,6 @@ BAD_STREAMS = [
         ],
         INVALID,
         "length",
-        marks=UNMAPPED,
     ),
     bad(
         "duplicate within a chunk",
@@ -865,7 +856,6 @@ BAD_STREAMS = [
         INVALID,
         "duplicate",
         "987654321",
-        marks=UNMAPPED,
     ),
     bad(
         "duplicate across chunks",
@@ -873,12 +863,11 @@ BAD_STREAMS = [
         INVALID,
         "duplicate",
         "424242",
-        marks=UNMAPPED,
     ),
     bad("empty cycle_id", [cs.header("", JPY), GOOD], INVALID, "cycle_id"),
     bad("empty currency", [cs.header("c1", ""), GOOD], INVALID, "currency"),
     bad("malformed currency", [cs.header("c1", "jp-y"), GOOD], INVALID, "currency", "jp-y"),
-    bad("malformed bytes", [H, b"\x12\x05\x0a\x09"], INVALID, marks=UNMAPPED),
+    bad("malformed bytes", [H, b"\x12\x05\x0a\x09"], INVALID),
     bad("unknown currency", [cs.header("c1", "EUR"), GOOD], NOT_FOUND, "EUR"),
 ]
 
@@ -938,12 +927,6 @@ def test_positions_above_the_configured_maximum(database_url: str) -> None:
 CANCEL_ATTEMPTS = 6  # the server's view of a cancel races with its end of stream: try a few
 
 
-@pytest.mark.xfail(
-    strict=False,  # the bug is a race: about one attempt in ten shows it, not every run
-    reason="bug: a client cancel can end the server's request iterator like a normal end of "
-    "stream (grpc._server: StopIteration on the null receive before the cancel is seen), and "
-    "CycleService.close then commits the partial cycle without checking context.is_active()",
-)
 def test_close_cancelled_mid_stream_writes_nothing(client: Client, database_url: str) -> None:
     market(client)
     deposit(client, "d1", 10_000)
@@ -1027,11 +1010,6 @@ class WriteWatch:
             conn.rollback()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: CycleService.close (ledger/server/cycles.py) never looks at the call once "
-    "the stream has ended: a cancel during the write phase still commits the close",
-)
 def test_close_cancelled_in_write_phase_writes_nothing(client: Client, database_url: str) -> None:
     count = 1_000_000
     ids = np.arange(1, count + 1, dtype=np.uint64)

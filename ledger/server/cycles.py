@@ -20,6 +20,10 @@ from ledger.errors import InvalidArgument, ResourceExhausted
 from ledger.server import convert
 
 
+class Cancelled(Exception):
+    """The caller went away before the close committed; the transaction rolls back."""
+
+
 class CycleService:
     def __init__(self, database: Database, positions_max: int) -> None:
         self._db = database
@@ -29,6 +33,11 @@ class CycleService:
         key, positions, digest = self._receive(messages)
         with self._db.write() as session:
             summary = cycle.close(session, key, positions, digest, self._reserve_ids)
+            # A client that gave up (cancel, deadline) gets no close: grpcio may even end the
+            # request stream early as if complete when a cancel races the last read, so the
+            # check is here, after the work and before the commit, and it rolls all back.
+            if not context.is_active():
+                raise Cancelled(f"close of cycle {key.cycle_id!r} cancelled by the client")
         return convert.cycle_summary(summary)
 
     def preview(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> pb.CycleSummary:

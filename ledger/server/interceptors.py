@@ -99,8 +99,16 @@ def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> None
     code = status_for(error)
     if code is not None:
         context.abort(code, str(error))
-    if _code(context) not in (None, grpc.StatusCode.OK):
-        raise error  # already aborted by the handler itself (context.abort raises)
+    already = _code(context)
+    if already not in (None, grpc.StatusCode.OK):
+        # The handler set its own status (context.abort, or UNIMPLEMENTED from a generated
+        # base class): end the call with it, quietly.
+        if isinstance(error, NotImplementedError):
+            context.abort(already, "method not implemented")
+        raise error
+    if not context.is_active():
+        # The client cancelled or the deadline passed while the handler ran: not a fault.
+        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
     log.exception("%s failed unexpectedly", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from ledger.alloc import AllocationError, PositionLimitError
 from ledger.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -15,6 +16,8 @@ from ledger.errors import (
 
 STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    AllocationError: grpc.StatusCode.INVALID_ARGUMENT,  # bad columns or ratios given to Rust
+    PositionLimitError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,

@@ -121,10 +121,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--workers", type=int, default=2, help="server processes (both modes)")
     args = parser.parse_args()
     print(
         f"RecordLiquidation, {args.clients} clients on loopback, {args.seconds:.0f} s each,"
-        " durable commits"
+        f" durable commits, {args.workers} server process(es)"
     )
     print(f"{'backend':<11} {'mode':<16} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for backend in args.backends.split(","):
@@ -133,7 +134,10 @@ def main() -> None:
             ("group commit", "--group-commit"),
             ("txn per call", "--no-group-commit"),
         ):
-            with fresh_database(backend) as url, server_process(url, flag) as (target, _):
+            with (
+                fresh_database(backend) as url,
+                server_process(url, flag, f"--workers={args.workers}") as (target, _),
+            ):
                 setup(target)
                 rate, p50, p99 = run_load(target, args.clients, args.seconds)
             rates[mode] = rate

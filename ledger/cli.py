@@ -41,7 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("LEDGER_GROUP_COMMIT", "1") not in ("0", "false", "no"),
         help="gather concurrent liquidations into one transaction (env LEDGER_GROUP_COMMIT)",
     )
+    serve_cmd.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("LEDGER_WORKERS", "1")),
+        help="server processes sharing the port (env LEDGER_WORKERS; default 1)",
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1 (got {args.workers})")
     logging.basicConfig(
         level=os.environ.get("LEDGER_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -53,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         cycle_positions_max=args.cycle_positions_max,
         group_commit=args.group_commit,
+        workers=args.workers,
     )
     return serve(settings)
 

@@ -186,3 +186,35 @@ def test_reflection_lists_the_services(database_url: str, tmp_path: Path) -> Non
         assert files, described
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=EXIT_SECONDS) == 0
+
+
+def test_workers_share_the_port_and_stop_together(database_url: str, tmp_path: Path) -> None:
+    """`--workers 2`: two server processes on one port serve the same ledger (each new
+    channel may land on either), and SIGTERM stops both with exit code 0."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "ledger.cli",
+        "serve",
+        "--workers",
+        "2",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--database-url",
+        database_url,
+    ]
+    with ledger_serve(command, tmp_path / "workers", port) as (process, stderr):
+        clients = [Client.connect(f"127.0.0.1:{port}") for _ in range(6)]
+        try:
+            usd(clients[0])
+            for n, client in enumerate(clients):
+                transfer(client, f"w{n}", DEPOSIT, 10 + n)
+            balances = {c.query.GetFund(pb.GetFundRequest(currency="USD")).balance for c in clients}
+            assert balances == {sum(10 + n for n in range(6))}
+        finally:
+            for client in clients:
+                client.channel.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=EXIT_SECONDS) == 0, stderr.read_text()
+        assert stderr.read_text().count("serving on port") == 2

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import queue
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
@@ -46,12 +50,14 @@ class Settings:
     cycle_positions_max: int = CYCLE_POSITIONS_MAX_DEFAULT
     # Off: one transaction per RecordLiquidation call (the benchmark's comparison).
     group_commit: bool = True
+    # Server processes sharing the port; each has its own pool, writer and GIL.
+    workers: int = 1
 
 
 class LedgerServer:
     """A started server; `stop()` lets in-flight calls finish."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self.database = Database(settings.database_url, pool_size=settings.threads)
         try:
@@ -68,7 +74,7 @@ class LedgerServer:
             options=[
                 ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
                 ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
         self._liquidations: GroupCommitter[LiquidationRequest, LiquidationResult] = GroupCommitter(
@@ -156,8 +162,13 @@ def message_class(name: str) -> Any:
 
 
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then finish in-flight calls and return 0."""
-    server = LedgerServer(settings)
+    """Run until SIGTERM or SIGINT, then finish in-flight calls and return 0.
+
+    With `workers` > 1, that many server processes share the port (SO_REUSEPORT, the
+    multiprocessing pattern grpcio recommends, since one Python process serves calls on one
+    core at a time); this process migrates the database, starts them, forwards the stop
+    signal and returns 0 once every one has stopped cleanly.
+    """
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -166,9 +177,68 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if settings.workers > 1:
+        return _serve_workers(settings, stopping)
+    server = LedgerServer(settings)
     server.start()
     print(f"ledger listening on port {server.port}", flush=True)
     stopping.wait()
     server.stop()
     log.info("stopped")
     return 0
+
+
+def _serve_workers(settings: Settings, stopping: threading.Event) -> int:
+    database = Database(settings.database_url, pool_size=1)
+    try:
+        upgrade(database)
+    finally:
+        database.dispose()
+    host, _, port = settings.listen.rpartition(":")
+    if int(port) == 0:  # every worker must bind the same port
+        with socket.socket() as probe:
+            probe.bind((host.strip("[]") or "127.0.0.1", 0))
+            port = str(probe.getsockname()[1])
+    shared = replace(settings, listen=f"{host}:{port}", workers=1)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    workers = [
+        context.Process(target=_worker, args=(shared, ready), name=f"ledger-worker-{n}")
+        for n in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+    started = 0
+    while started < len(workers) and not stopping.is_set():
+        try:
+            ready.get(timeout=0.2)
+            started += 1
+        except queue.Empty:
+            if any(w.exitcode not in (None, 0) for w in workers):
+                stopping.set()
+    if started == len(workers):
+        print(f"ledger listening on port {port} ({len(workers)} workers)", flush=True)
+    stopping.wait()
+    for worker in workers:
+        if worker.pid is not None and worker.exitcode is None:
+            os.kill(worker.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.join()
+    log.info("stopped")
+    return 0 if all(w.exitcode == 0 for w in workers) else 1
+
+
+def _worker(settings: Settings, ready: Any) -> None:
+    """One server process of several on one port."""
+    logging.basicConfig(
+        level=os.environ.get("LEDGER_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s",
+    )
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    server = LedgerServer(settings, reuse_port=True)
+    server.start()
+    ready.put(os.getpid())
+    stopping.wait()
+    server.stop()

@@ -62,7 +62,12 @@ def upgrade() -> None:
     )
     op.create_table(
         "cycles",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
         sa.Column("currency", sa.String(length=16), nullable=False),
         sa.Column("cycle_id", sa.String(length=128), nullable=False),
         sa.Column("loss_total", sa.BigInteger(), nullable=False),

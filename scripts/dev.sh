@@ -39,6 +39,11 @@ case "${1:-}" in
     shift
     install
     ensure_postgres
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    "$VENV/bin/mypy"
+    cargo fmt --check
+    cargo clippy --locked -p rust_alloc --all-targets -- -D warnings
     cargo test --locked -p rust_alloc --release
     "$VENV/bin/python" -m pytest "$@"
     ;;

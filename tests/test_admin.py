@@ -9,22 +9,17 @@ idempotent; and fund transfers post balanced entries with the documented posting
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.journal import SYSTEM_ACCOUNTS
 from ledger.server.app import LedgerServer, Settings
-from tests.conftest import BACKENDS, Client, _libpq, _pg_admin_url
+from tests.conftest import BACKENDS, Client, fresh_database
 from tests.ledger_db import snapshot
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -37,23 +32,6 @@ INVERSE = pb.CONTRACT_KIND_INVERSE
 DEPOSIT = pb.TRANSFER_DIRECTION_DEPOSIT
 WITHDRAW = pb.TRANSFER_DIRECTION_WITHDRAW
 INT64_MAX = 2**63 - 1
-
-
-@contextmanager
-def fresh_database(backend: str, directory: Path) -> Iterator[str]:
-    """The URL of a new, empty database, as conftest's `database_url` makes one."""
-    if backend == "sqlite":
-        yield f"sqlite:///{directory / 'ledger.db'}"
-        return
-    admin = _pg_admin_url()
-    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_libpq(admin), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(_libpq(admin), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass

@@ -18,7 +18,7 @@ import pytest
 
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.server.app import LedgerServer, Settings
-from tests.conftest import BACKENDS, Client
+from tests.conftest import BACKENDS, Client, fresh_database
 from tests.ledger_db import snapshot
 from tests.test_admin import (
     DEPOSIT,
@@ -26,7 +26,6 @@ from tests.test_admin import (
     NOT_FOUND,
     WITHDRAW,
     assert_rejected,
-    fresh_database,
     row,
     transfer,
     usd,

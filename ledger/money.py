@@ -18,8 +18,9 @@ from ledger.limits import (
 )
 
 _CURRENCY_CODE = re.compile(rf"[A-Z0-9]{{1,{CURRENCY_CODE_LENGTH_MAX}}}")
-# Plain decimal: digits, optionally a point and 1..18 digits. No sign, no exponent, no spaces.
-_DECIMAL = re.compile(rf"(\d+)(?:\.(\d{{1,{DECIMAL_PLACES_MAX}}}))?")
+# Plain decimal: ASCII digits (\d would admit other scripts' digits), optionally a point and
+# 1..18 digits. No sign, no exponent, no spaces.
+_DECIMAL = re.compile(rf"([0-9]+)(?:\.([0-9]{{1,{DECIMAL_PLACES_MAX}}}))?")
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -51,7 +52,7 @@ def parse_decimal(field: str, text: str) -> Decimal:
     """Parse a non-negative decimal string exactly; reject signs, exponents, > 18 places."""
     match = _DECIMAL.fullmatch(text)
     if match is None:
-        if "." in text and re.fullmatch(r"\d+\.\d+", text):
+        if "." in text and re.fullmatch(r"[0-9]+\.[0-9]+", text):
             raise InvalidArgument(field, text, f"more than {DECIMAL_PLACES_MAX} decimal places")
         raise InvalidArgument(
             field, text, "must be a plain decimal such as 0.2 or 64123.5 (no sign or exponent)"

@@ -221,6 +221,7 @@ INVALID = [
     ("quantity", {"quantity": "0"}, grpc.StatusCode.INVALID_ARGUMENT),
     ("quantity", {"quantity": "-1"}, grpc.StatusCode.INVALID_ARGUMENT),
     ("quantity", {"quantity": "1e3"}, grpc.StatusCode.INVALID_ARGUMENT),
+    ("quantity", {"quantity": "\u0661\u0662"}, grpc.StatusCode.INVALID_ARGUMENT),  # Arabic-Indic 12
     ("quantity", {"quantity": ""}, grpc.StatusCode.INVALID_ARGUMENT),
     ("takeover_price", {"takeover_price": "0"}, grpc.StatusCode.INVALID_ARGUMENT),
     (

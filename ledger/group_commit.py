@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Generic, TypeVar, cast
 
 from sqlalchemy.exc import DBAPIError
@@ -87,7 +88,7 @@ class GroupCommitter(Generic[Request, Result]):
         if self._enabled:
             self._queue.put(job)
         else:
-            self._run_batch([job])
+            self._run_batch([job], self._db.write)
         return job.result()
 
     def close(self) -> None:
@@ -98,6 +99,13 @@ class GroupCommitter(Generic[Request, Result]):
             self._thread = None
 
     def _run_forever(self) -> None:
+        writer = self._db.dedicated_writer()
+        try:
+            self._gather(writer.write)
+        finally:
+            writer.close()
+
+    def _gather(self, write: Callable[[], AbstractContextManager[Session]]) -> None:
         while True:
             job = self._queue.get()
             if job is None:
@@ -113,14 +121,18 @@ class GroupCommitter(Generic[Request, Result]):
                     stop = True
                     break
                 batch.append(more)
-            self._run_batch(batch)
+            self._run_batch(batch, write)
             if stop:
                 return
 
-    def _run_batch(self, batch: list[_Job[Request, Result]]) -> None:
+    def _run_batch(
+        self,
+        batch: list[_Job[Request, Result]],
+        write: Callable[[], AbstractContextManager[Session]],
+    ) -> None:
         for attempt in range(1, BATCH_ATTEMPTS_MAX + 1):
             try:
-                with self._db.write() as session:
+                with write() as session:
                     outcomes = self._batch_fn(session, [job.request for job in batch])
                     if len(outcomes) != len(batch):
                         raise AssertionError(f"{len(outcomes)} outcomes for {len(batch)} requests")
@@ -140,4 +152,4 @@ class GroupCommitter(Generic[Request, Result]):
             batch[0].finish(RuntimeError("the database kept refusing this write; try again"))
             return
         for job in batch:
-            self._run_batch([job])
+            self._run_batch([job], write)

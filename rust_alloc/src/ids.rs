@@ -114,32 +114,17 @@ impl RowMap {
         }
         Ok(Self::Mapped(rows))
     }
-
-    /// Writes the participants' ids in ascending order into `out` when the map knows them
-    /// without the input (returns false otherwise: the rows must carry their ids).
-    pub(crate) fn write_ids(&self, out: &mut [u64]) -> bool {
-        match self {
-            Self::Ranked(ranks) => {
-                ranks.write_ids(out);
-                true
-            }
-            Self::Mapped(_) => false,
-        }
-    }
-
-    /// The row of the participant at input `index` with id `id`.
-    #[inline]
-    pub(crate) fn row(&self, index: usize, id: u64) -> usize {
-        match self {
-            Self::Ranked(ranks) => ranks.rank(id),
-            Self::Mapped(rows) => rows[index] as usize,
-        }
-    }
 }
 
 /// Id slots per position up to which the bitmaps are used (2 bits a slot for each half of
 /// the input while built, then 2 bits a slot for the ranks: at most 12 bytes a position).
 const DENSE_SLOTS_PER_ID: u128 = 16;
+
+/// Slots per block of the dense ranks: a block's rows are contiguous, and a slot's offset in
+/// its block fits a u16, so the split can bucket the participants by block first, then
+/// place each block's rows within a window that stays in cache.
+pub(crate) const BLOCK_SLOTS_BITS: u32 = 16;
+const BLOCK_WORDS: usize = 1 << (BLOCK_SLOTS_BITS - 6);
 
 /// One 64-slot word of participant bits and the participants in the words before it.
 #[derive(Clone, Copy, Default)]
@@ -148,9 +133,20 @@ struct RankWord {
     before: u64,
 }
 
+/// The participants of one block of slots: `first` of them from the first half of the
+/// input, `count` in all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct BlockCounts {
+    pub first: u32,
+    pub count: u32,
+}
+
 pub(crate) struct DenseRanks {
-    min: u64,
+    pub min: u64,
+    /// The input positions in the first half (the rest are the second).
+    pub half: usize,
     words: Vec<RankWord>,
+    pub blocks: Vec<BlockCounts>,
 }
 
 impl DenseRanks {
@@ -181,24 +177,34 @@ impl DenseRanks {
             .collect();
         let mut halves = halves.into_iter().collect::<Option<Vec<_>>>()?.into_iter();
         let mut marks = halves.next().unwrap_or_default();
-        if let Some(other) = halves.next() {
-            let both = marks
-                .par_iter_mut()
-                .zip(other)
-                .with_min_len(CHUNK_LEN)
-                .map(|(mark, [seen, participant])| {
-                    let both = mark[0] & seen;
-                    mark[0] |= seen;
-                    mark[1] |= participant;
-                    both
-                })
-                .reduce(|| 0, |a, b| a | b);
-            if both != 0 {
-                return None;
-            }
+        let other = halves.next().unwrap_or_default();
+        // Per block: merge the second half's marks into the first's, counting the first's
+        // participants and any id both halves saw.
+        let count_ones = |words: &[[u64; 2]]| words.iter().map(|w| w[1].count_ones()).sum();
+        let merged: Vec<(u32, bool)> = marks
+            .par_chunks_mut(BLOCK_WORDS)
+            .enumerate()
+            .map(|(block, mark)| {
+                let first = count_ones(mark);
+                let start = block * BLOCK_WORDS;
+                let end = (start + mark.len()).min(other.len());
+                let mut both = 0;
+                if start < end {
+                    for (mark, [seen, participant]) in mark.iter_mut().zip(&other[start..end]) {
+                        both |= mark[0] & seen;
+                        mark[0] |= seen;
+                        mark[1] |= participant;
+                    }
+                }
+                (first, both != 0)
+            })
+            .collect();
+        drop(other);
+        if merged.iter().any(|&(_, both)| both) {
+            return None;
         }
         let mut before = 0;
-        let words = marks
+        let words: Vec<RankWord> = marks
             .iter()
             .map(|&[_, bits]| {
                 let word = RankWord { bits, before };
@@ -206,15 +212,35 @@ impl DenseRanks {
                 word
             })
             .collect();
-        Some(Self { min, words })
+        let blocks = words
+            .chunks(BLOCK_WORDS)
+            .zip(&merged)
+            .map(|(block, &(first, _))| {
+                let last = block[block.len() - 1];
+                let count = last.before + u64::from(last.bits.count_ones()) - block[0].before;
+                BlockCounts {
+                    first,
+                    count: count as u32,
+                }
+            })
+            .collect();
+        Some(Self {
+            min,
+            half,
+            words,
+            blocks,
+        })
     }
 
-    /// The participants' ids in ascending order, into `out` (as many as there are).
-    fn write_ids(&self, out: &mut [u64]) {
+    /// The ids of block `block`'s participants in ascending order, into `out` (as many as
+    /// there are).
+    pub(crate) fn write_block_ids(&self, block: usize, out: &mut [u64]) {
+        let start = block * BLOCK_WORDS;
+        let end = (start + BLOCK_WORDS).min(self.words.len());
         let mut row = 0;
-        for (index, word) in self.words.iter().enumerate() {
+        for (index, word) in self.words[start..end].iter().enumerate() {
             // At most the largest id: a word only has bits for ids in range.
-            let base = self.min + 64 * index as u64;
+            let base = self.min + 64 * (start + index) as u64;
             let mut bits = word.bits;
             while bits != 0 {
                 out[row] = base + u64::from(bits.trailing_zeros());
@@ -224,11 +250,15 @@ impl DenseRanks {
         }
     }
 
-    /// The number of participant ids below `id`.
+    /// The first row of block `block`.
+    pub(crate) fn block_start(&self, block: usize) -> usize {
+        self.words[block * BLOCK_WORDS].before as usize
+    }
+
+    /// The number of participant slots below `slot`.
     #[inline]
-    fn rank(&self, id: u64) -> usize {
-        let slot = id - self.min;
-        let word = self.words[(slot / 64) as usize];
+    pub(crate) fn rank(&self, slot: usize) -> usize {
+        let word = self.words[slot / 64];
         let below = word.bits & ((1u64 << (slot % 64)) - 1);
         (word.before + u64::from(below.count_ones())) as usize
     }

@@ -18,7 +18,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::ids::RowMap;
+use crate::ids::{DenseRanks, RowMap, BLOCK_SLOTS_BITS};
 use crate::{AllocError, Positions, CHUNK_LEN};
 
 /// Bits of the remainder histogram.
@@ -181,7 +181,9 @@ impl Split<'_> {
         };
         // Zeroed, not uninitialised: fresh pages are zero anyway, and a row left unwritten
         // by a bug is then a wrong value the checks catch, never undefined behaviour.
-        let bucket_rows = if matches!(shares, Shares::Whole) {
+        // The dense ranks also use the bucket column as scratch.
+        let ranked = matches!(self.layout, Layout::Mapped(RowMap::Ranked(_)));
+        let bucket_rows = if matches!(shares, Shares::Whole) && !ranked {
             0
         } else {
             self.rows
@@ -197,7 +199,12 @@ impl Split<'_> {
         };
         let written = match self.layout {
             Layout::Ascending => self.write_in_order(&mut out, shares, buckets),
-            Layout::Mapped(map) => self.write_mapped(&mut out, shares, buckets, map),
+            Layout::Mapped(RowMap::Ranked(ranks)) => {
+                self.write_ranked(&mut out, shares, buckets, ranks)
+            }
+            Layout::Mapped(RowMap::Mapped(rows)) => {
+                self.write_mapped(&mut out, shares, buckets, rows)
+            }
         };
         if written.rows != self.rows {
             return Err(AllocError::InvariantBroken(
@@ -295,6 +302,108 @@ impl Split<'_> {
             .reduce(Written::zero, Written::plus)
     }
 
+    /// Dense unordered ids, in two passes that each stay in cache. First each half of the
+    /// input buckets its participants by block of id slots (account, pnl and the slot's
+    /// offset in its block), into the rows of that block, in the columns the block fills
+    /// last (position_id, amount, bucket) and its own part of them. Then each block places
+    /// its rows within its own window of rows, writes their ids from the ranks and takes
+    /// their shares.
+    fn write_ranked(
+        &self,
+        out: &mut Output,
+        shares: Shares,
+        buckets: usize,
+        ranks: &DenseRanks,
+    ) -> Written {
+        let Positions {
+            position_id,
+            account_id,
+            ..
+        } = self.positions;
+        let n = self.positions.pnl.len();
+        let Output { columns, bucket } = out;
+        let halves_counts: Vec<u32> = ranks
+            .blocks
+            .iter()
+            .flat_map(|block| [block.first, block.count - block.first])
+            .collect();
+        type Scratch<'s> = (&'s mut [u64], &'s mut [i64], &'s mut [u16]);
+        let mut halves: [Vec<Scratch<'_>>; 2] = [Vec::new(), Vec::new()];
+        let parts = split_by_counts(&mut columns.position_id, &halves_counts)
+            .into_iter()
+            .zip(split_by_counts(&mut columns.amount, &halves_counts))
+            .zip(split_by_counts(bucket, &halves_counts));
+        for (part, ((accounts, pnl), offsets)) in parts.enumerate() {
+            halves[part % 2].push((accounts, pnl, offsets));
+        }
+        let (min, half) = (ranks.min, ranks.half);
+        let visited: usize = halves
+            .into_par_iter()
+            .enumerate()
+            .map(|(which, mut blocks)| {
+                let range = (which * half).min(n)..((which + 1) * half).min(n);
+                let mut cursors = vec![0usize; blocks.len()];
+                self.for_each_participant(range, |index, value| {
+                    let slot = position_id[index] - min;
+                    let block = (slot >> BLOCK_SLOTS_BITS) as usize;
+                    let cursor = cursors[block];
+                    cursors[block] += 1;
+                    let (accounts, pnl, offsets) = &mut blocks[block];
+                    accounts[cursor] = account_id[index];
+                    pnl[cursor] = value;
+                    offsets[cursor] = slot as u16;
+                });
+                // Every block's part filled: as many participants as the ranks counted.
+                let filled = cursors.iter().zip(&blocks);
+                if filled.clone().all(|(&cursor, part)| cursor == part.0.len()) {
+                    cursors.iter().sum()
+                } else {
+                    usize::MAX
+                }
+            })
+            .reduce(|| 0, usize::saturating_add);
+        let counts: Vec<u32> = ranks.blocks.iter().map(|block| block.count).collect();
+        let blocks: Vec<_> = split_by_counts(&mut columns.position_id, &counts)
+            .into_iter()
+            .zip(split_by_counts(&mut columns.account_id, &counts))
+            .zip(split_by_counts(&mut columns.pnl, &counts))
+            .zip(split_by_counts(&mut columns.amount, &counts))
+            .zip(split_by_counts(bucket, &counts))
+            .enumerate()
+            .collect();
+        let written = blocks
+            .into_par_iter()
+            .fold(
+                || Written {
+                    histogram: vec![0; buckets],
+                    ..Written::zero()
+                },
+                |mut written, (block, ((((ids, accounts), pnl), amount), bucket))| {
+                    let start = ranks.block_start(block);
+                    let base = block << BLOCK_SLOTS_BITS;
+                    for ((&account, &value), &offset) in ids.iter().zip(&*amount).zip(&*bucket) {
+                        let row = ranks.rank(base + usize::from(offset)) - start;
+                        accounts[row] = account;
+                        pnl[row] = value;
+                    }
+                    ranks.write_block_ids(block, ids);
+                    for ((amount, bucket), &value) in amount.iter_mut().zip(bucket).zip(&*pnl) {
+                        let (floor, b) = shares.of(value as u64);
+                        *amount = floor as i64;
+                        *bucket = b;
+                        written.histogram[usize::from(b)] += 1;
+                        written.floors += u128::from(floor);
+                    }
+                    written
+                },
+            )
+            .reduce(Written::zero, Written::plus);
+        Written {
+            rows: visited,
+            ..written
+        }
+    }
+
     /// Unordered ids: each participant's row from the map. The threads scatter only what
     /// the input holds (account and pnl, and the id unless the map lists the ids), then
     /// take the shares over the rows in order.
@@ -303,15 +412,14 @@ impl Split<'_> {
         out: &mut Output,
         shares: Shares,
         buckets: usize,
-        map: &RowMap,
+        map: &[u32],
     ) -> Written {
         let Positions {
             position_id,
             account_id,
             pnl,
         } = self.positions;
-        let ids_written = map.write_ids(&mut out.columns.position_id);
-        let shared = SharedRows::new(&mut out.columns, !ids_written);
+        let shared = SharedRows::new(&mut out.columns);
         let n = pnl.len();
         let rows = (0..n.div_ceil(CHUNK_LEN))
             .into_par_iter()
@@ -320,7 +428,7 @@ impl Split<'_> {
                 let mut rows = 0;
                 self.for_each_participant(start..end, |index, value| {
                     let id = position_id[index];
-                    shared.put(map.row(index, id), id, account_id[index], value);
+                    shared.put(map[index] as usize, id, account_id[index], value);
                     rows += 1;
                 });
                 rows
@@ -386,7 +494,6 @@ fn rows_chunks(rows: usize) -> usize {
 /// The input's part of the output rows as raw parts, for threads that each write their
 /// own rows.
 struct SharedRows {
-    /// Null when the ids are written otherwise.
     position_id: *mut u64,
     account_id: *mut u64,
     pnl: *mut i64,
@@ -397,14 +504,9 @@ struct SharedRows {
 unsafe impl Sync for SharedRows {}
 
 impl SharedRows {
-    fn new(columns: &mut Columns, with_ids: bool) -> Self {
-        let position_id = if with_ids {
-            columns.position_id.as_mut_ptr()
-        } else {
-            std::ptr::null_mut()
-        };
+    fn new(columns: &mut Columns) -> Self {
         Self {
-            position_id,
+            position_id: columns.position_id.as_mut_ptr(),
             account_id: columns.account_id.as_mut_ptr(),
             pnl: columns.pnl.as_mut_ptr(),
             len: columns.pnl.len(),
@@ -421,9 +523,7 @@ impl SharedRows {
         // owner is borrowed mutably by `write_mapped` throughout). No other thread writes
         // this row, as the map's rows are distinct, so the writes never race.
         unsafe {
-            if !self.position_id.is_null() {
-                self.position_id.add(row).write(id);
-            }
+            self.position_id.add(row).write(id);
             self.account_id.add(row).write(account);
             self.pnl.add(row).write(pnl);
         }

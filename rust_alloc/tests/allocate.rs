@@ -380,7 +380,8 @@ proptest! {
         len in 30_000usize..80_000,
         spread in prop_oneof![Just(3i64), Just(1000), Just(1 << 40)],
         loss_divisor in 0i64..5,
-        sparse_ids in any::<bool>(),
+        // Ids: dense (one block of slots or two), dense with gaps (several blocks), sparse.
+        id_stride in prop_oneof![Just(1u64), Just(7), Just(0x9e37_79b9_7f4a_7c15)],
         ordered in any::<bool>(),
         seed in any::<u64>(),
     ) {
@@ -393,7 +394,7 @@ proptest! {
         };
         let rows: Vec<(u64, i64)> = (0..len as u64)
             .map(|i| {
-                let id = if sparse_ids { i.wrapping_mul(0x9e37_79b9_7f4a_7c15) } else { i };
+                let id = i.wrapping_mul(id_stride);
                 (id, (next() % (2 * spread as u64)) as i64 - spread / 4)
             })
             .collect();

@@ -190,12 +190,12 @@ impl Split<'_> {
         };
         let mut out = Output {
             columns: Columns {
-                position_id: vec![0; self.rows],
-                account_id: vec![0; self.rows],
-                pnl: vec![0; self.rows],
-                amount: vec![0; self.rows],
+                position_id: zeroed(self.rows),
+                account_id: zeroed(self.rows),
+                pnl: zeroed(self.rows),
+                amount: zeroed(self.rows),
             },
-            bucket: vec![0; bucket_rows],
+            bucket: zeroed(bucket_rows),
         };
         let written = match self.layout {
             Layout::Ascending => self.write_in_order(&mut out, shares, buckets),
@@ -486,6 +486,38 @@ impl Split<'_> {
         }
     }
 }
+
+/// A zeroed column. Large ones are fresh pages, faulted in on their first write: asking for
+/// huge pages where the kernel offers them (transparent huge pages on request) takes one
+/// fault per 2 MiB instead of per 4 KiB, and fewer TLB misses while rows are scattered.
+fn zeroed<T: Copy + Default>(len: usize) -> Vec<T> {
+    let mut column = vec![T::default(); len];
+    advise_huge_pages(&mut column);
+    column
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge_pages<T>(column: &mut [T]) {
+    extern "C" {
+        fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: std::ffi::c_int) -> i32;
+    }
+    const MADV_HUGEPAGE: std::ffi::c_int = 14;
+    const HUGE_PAGE: usize = 2 << 20;
+    let start = column.as_mut_ptr() as usize;
+    let end = start + std::mem::size_of_val(column);
+    let (low, high) = (start.next_multiple_of(HUGE_PAGE), end & !(HUGE_PAGE - 1));
+    if low < high {
+        // SAFETY: the range lies within the column's allocation, which this function holds
+        // borrowed; the advice changes how pages are backed, never their contents. A
+        // refusal (no transparent huge pages) is harmless and ignored.
+        unsafe {
+            madvise(low as *mut std::ffi::c_void, high - low, MADV_HUGEPAGE);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages<T>(_column: &mut [T]) {}
 
 fn rows_chunks(rows: usize) -> usize {
     rows.div_ceil(CHUNK_LEN)

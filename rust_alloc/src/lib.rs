@@ -213,9 +213,7 @@ pub fn allocate(
             max: POSITIONS_MAX,
         });
     }
-    let t0 = std::time::Instant::now();
     let scan = select::scan(position_id, pnl);
-    eprint!("scan {:?} ", t0.elapsed());
 
     // Rule 1: the fund's part. Fits i64: fund_share <= loss because q <= 1.
     let fund_share = policy.insurance_share.mul_round_half_up(loss as u64) as i64;
@@ -227,7 +225,6 @@ pub fn allocate(
     let cut = scan
         .profits
         .cut(pnl, policy.coverage_ratio.mul_ceil(profit_total));
-    eprint!("cut {:?} ", t0.elapsed());
     // Rule 4: widening.
     let widened = u128::from(user_due as u64) > cut.profit && cut.count < profitable_count;
     let (pnl_min, participant_count, participant_profit, chunk_counts) = if widened {
@@ -250,7 +247,6 @@ pub fn allocate(
             .map_err(AllocError::DuplicatePositionId)?;
         Layout::Mapped(map)
     };
-    eprint!("map {:?} ", t0.elapsed());
 
     // Rule 5: what the participants pay and what nobody can.
     let allocated_total = u128::from(user_due as u64).min(participant_profit) as i64;
@@ -294,7 +290,6 @@ pub fn allocate(
         pnl,
         amount,
     } = split.run()?;
-    eprintln!("split {:?}", t0.elapsed());
     Ok(Allocation {
         summary,
         position_id,

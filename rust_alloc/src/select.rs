@@ -103,8 +103,7 @@ impl ScanPart {
         let (id_min, id_max) = if ascending {
             (ids[0], ids[ids.len() - 1])
         } else {
-            let min = ids.iter().copied().min().unwrap_or(u64::MAX);
-            (min, ids.iter().copied().max().unwrap_or(0))
+            id_range(ids)
         };
         // Branch-free: a non-positive pnl counts in bucket 0 and adds 0. The total is kept
         // as two u64 halves (a chunk is far below 2^32 values), joined once per chunk.
@@ -134,6 +133,24 @@ impl ScanPart {
         self.chunks.extend(other.chunks);
         self
     }
+}
+
+/// The least and greatest of `ids` (u64::MAX and 0 when there are none), in one pass over
+/// independent lanes: a single running min or max waits on each compare before the next.
+fn id_range(ids: &[u64]) -> (u64, u64) {
+    const LANES: usize = 8;
+    let (mut low, mut high) = ([u64::MAX; LANES], [0u64; LANES]);
+    let mut blocks = ids.chunks_exact(LANES);
+    for block in &mut blocks {
+        for lane in 0..LANES {
+            low[lane] = low[lane].min(block[lane]);
+            high[lane] = high[lane].max(block[lane]);
+        }
+    }
+    let rest = blocks.remainder();
+    let low = low.iter().chain(rest).copied().min();
+    let high = high.iter().chain(rest).copied().max();
+    (low.unwrap_or(u64::MAX), high.unwrap_or(0))
 }
 
 /// The first pass: ids ascending and their range, and the profits, by chunks in parallel.
@@ -368,6 +385,19 @@ fn refine_sorted(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_range_over_lanes_and_rest() {
+        assert_eq!(id_range(&[]), (u64::MAX, 0));
+        let ids: Vec<u64> = (0..37u64).map(|i| (i * 7919) % 101 + 5).collect();
+        let expected = (*ids.iter().min().unwrap(), *ids.iter().max().unwrap());
+        for len in 1..=ids.len() {
+            let part = &ids[..len];
+            let expected_part = (*part.iter().min().unwrap(), *part.iter().max().unwrap());
+            assert_eq!(id_range(part), expected_part);
+        }
+        assert_eq!(id_range(&ids), expected);
+    }
 
     #[test]
     fn log_bucket_is_monotone() {

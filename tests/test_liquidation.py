@@ -306,6 +306,29 @@ def _expected_linear(side: int, qty: int, takeover: int, close: int, margin: int
     return margin + move * qty * 1000
 
 
+def assert_ledger_matches(client: Client, database_url: str, by_id: dict[str, int]) -> None:
+    """The fund and the cycle's loss equal the sums of the expected results, computed by the
+    test; every liquidation is recorded once and posts at most one entry."""
+    inflow = sum(v for v in by_id.values() if v > 0)
+    loss = -sum(v for v in by_id.values() if v < 0)
+    fund = client.query.GetFund(pb.GetFundRequest(currency="USDT"))
+    assert fund.balance == fund.inflow_total == inflow
+    journal = balances_from_journal(database_url)
+    assert journal[("USDT", "insurance_fund")] == inflow
+    assert journal[("USDT", "system_loss")] == -loss
+    assert cached_balances(database_url)[("USDT", "system_loss")] == -loss
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        counts = Counter(
+            r for (r,) in conn.execute(text("SELECT reference FROM entries WHERE kind IN (3, 4)"))
+        )
+        recorded = conn.execute(text("SELECT count(*) FROM liquidations")).scalar_one()
+    engine.dispose()
+    assert recorded == len(by_id)
+    assert max(counts.values()) == 1
+    assert len(counts) == sum(1 for v in by_id.values() if v != 0)
+
+
 def test_concurrent_clients_with_duplicates(client: Client, database_url: str) -> None:
     """16 clients, 5,000 liquidations, a tenth of them repeats of earlier ones."""
     setup_market(client)
@@ -346,24 +369,7 @@ def test_concurrent_clients_with_duplicates(client: Client, database_url: str) -
     for lid, replies in results.items():
         assert all(r == replies[0] for r in replies), lid
         assert replies[0].engine_result == by_id[lid]
-    inflow = sum(v for v in by_id.values() if v > 0)
-    loss = -sum(v for v in by_id.values() if v < 0)
-    fund = client.query.GetFund(pb.GetFundRequest(currency="USDT"))
-    assert fund.balance == fund.inflow_total == inflow
-    journal = balances_from_journal(database_url)
-    assert journal[("USDT", "insurance_fund")] == inflow
-    assert journal[("USDT", "system_loss")] == -loss
-    assert cached_balances(database_url)[("USDT", "system_loss")] == -loss
-    engine = create_engine(database_url)
-    with engine.connect() as conn:
-        counts = Counter(
-            r for (r,) in conn.execute(text("SELECT reference FROM entries WHERE kind IN (3, 4)"))
-        )
-        recorded = conn.execute(text("SELECT count(*) FROM liquidations")).scalar_one()
-    engine.dispose()
-    assert recorded == len(unique)
-    assert max(counts.values()) == 1
-    assert len(counts) == sum(1 for v in by_id.values() if v != 0)
+    assert_ledger_matches(client, database_url, by_id)
 
 
 def test_two_servers_on_one_database_post_each_id_once(client: Client, database_url: str) -> None:
@@ -420,21 +426,4 @@ def test_two_servers_on_one_database_post_each_id_once(client: Client, database_
     for lid, replies in results.items():
         assert replies[0] == replies[1], lid
         assert replies[0].engine_result == by_id[lid]
-    inflow = sum(v for v in by_id.values() if v > 0)
-    loss = -sum(v for v in by_id.values() if v < 0)
-    fund = client.query.GetFund(pb.GetFundRequest(currency="USDT"))
-    assert fund.balance == fund.inflow_total == inflow
-    journal = balances_from_journal(database_url)
-    assert journal[("USDT", "insurance_fund")] == inflow
-    assert journal[("USDT", "system_loss")] == -loss
-    assert cached_balances(database_url)[("USDT", "system_loss")] == -loss
-    engine = create_engine(database_url)
-    with engine.connect() as conn:
-        counts = Counter(
-            r for (r,) in conn.execute(text("SELECT reference FROM entries WHERE kind IN (3, 4)"))
-        )
-        recorded = conn.execute(text("SELECT count(*) FROM liquidations")).scalar_one()
-    engine.dispose()
-    assert recorded == len(unique)
-    assert max(counts.values()) == 1
-    assert len(counts) == sum(1 for v in by_id.values() if v != 0)
+    assert_ledger_matches(client, database_url, by_id)

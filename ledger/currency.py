@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from decimal import Decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -47,10 +46,6 @@ class ContractView:
     margin_currency: str
     kind: ContractKind
     multiplier: str
-
-    @property
-    def multiplier_value(self) -> Decimal:
-        return Decimal(self.multiplier)
 
 
 def create_currency(session: Session, code: str, scale: int) -> CurrencyView:
@@ -175,10 +170,3 @@ def upsert_contract(
         row.kind, row.multiplier, row.updated_at_us = kind, multiplier_text, now_us()
     session.flush()
     return ContractView(symbol, margin_currency, ContractKind(kind), multiplier_text)
-
-
-def get_contract(session: Session, symbol: str) -> ContractView:
-    row = session.get(models.Contract, symbol)
-    if row is None:
-        raise NotFound(f"symbol: unknown contract {symbol!r}")
-    return ContractView(row.symbol, row.margin_currency, ContractKind(row.kind), row.multiplier)

@@ -20,8 +20,10 @@ from ledger.alloc import AllocationResult, CycleInputDecoder
 from ledger.currency import current_policy, get_currency
 from ledger.db import bulk, models
 from ledger.db.store import (
+    account_balance,
     account_deltas,
     apply_deltas,
+    insert_entries,
     lock_account,
     lock_system_loss,
     now_us,
@@ -152,24 +154,7 @@ def close(
         insert(models.Cycle).returning(models.Cycle.id),
         [_cycle_row(summary, policy.version, first_id + len(transfers))],
     ).scalar_one()
-    if transfers:
-        session.execute(
-            insert(models.Entry),
-            [
-                {
-                    "id": first_id + n,
-                    "currency": t.currency,
-                    "kind": int(t.kind),
-                    "reference": t.reference,
-                    "debit_account": t.debit,
-                    "credit_account": t.credit,
-                    "amount": t.amount,
-                    "memo": "",
-                    "created_at_us": closed_at,
-                }
-                for n, t in enumerate(transfers)
-            ],
-        )
+    insert_entries(session, first_id, transfers, closed_at)
     bulk.write_allocations(
         session,
         cycle_pk,
@@ -187,7 +172,7 @@ def preview(
 ) -> CycleSummary:
     """The same computation over the ledger as it is now; writes nothing."""
     get_currency(session, key.currency)
-    fund_balance = _fund_balance(session, key.currency)
+    fund_balance = account_balance(session, key.currency, INSURANCE_FUND)
     loss = cycle_loss_total(session, key.currency, key.cycle_id)
     policy = current_policy(session, key.currency)
     result = positions.allocate(loss, fund_balance, policy.insurance_share, policy.coverage_ratio)
@@ -203,16 +188,6 @@ def preview(
         policy.coverage_ratio,
         0,
     )
-
-
-def _fund_balance(session: Session, currency: str) -> int:
-    row = session.scalar(
-        select(models.Account.balance).where(
-            models.Account.currency == currency, models.Account.name == INSURANCE_FUND
-        )
-    )
-    assert row is not None
-    return int(row)
 
 
 def get(session: Session, key: CycleKey) -> CycleSummary:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from fractions import Fraction
 
 from ledger.errors import InvalidArgument
 from ledger.limits import (
@@ -85,10 +84,6 @@ def canonical(value: Decimal) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text or "0"
-
-
-def as_fraction(value: Decimal) -> Fraction:
-    return Fraction(value)
 
 
 def minor_units(field: str, value: int) -> int:

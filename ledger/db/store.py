@@ -101,11 +101,21 @@ def post(session: Session, transfers: Sequence[Transfer], created_at_us: int) ->
     apply_deltas(session, account_deltas(transfers))
     first = reserve_entry_ids(session, len(transfers))
     ids = list(range(first, first + len(transfers)))
+    insert_entries(session, first, transfers, created_at_us)
+    return ids
+
+
+def insert_entries(
+    session: Session, first_id: int, transfers: Sequence[Transfer], created_at_us: int
+) -> None:
+    """Insert entries with the consecutive ids first_id, first_id + 1, … (already reserved)."""
+    if not transfers:
+        return
     session.execute(
         insert(models.Entry),
         [
             {
-                "id": entry_id,
+                "id": first_id + n,
                 "currency": t.currency,
                 "kind": int(t.kind),
                 "reference": t.reference,
@@ -115,10 +125,9 @@ def post(session: Session, transfers: Sequence[Transfer], created_at_us: int) ->
                 "memo": t.memo,
                 "created_at_us": created_at_us,
             }
-            for entry_id, t in zip(ids, transfers, strict=True)
+            for n, t in enumerate(transfers)
         ],
     )
-    return ids
 
 
 Deltas = dict[tuple[str, str], tuple[int, int]]  # (currency, account) → (credits, debits)

@@ -36,9 +36,15 @@ def current_revision(connection: Connection) -> str | None:
 
 def upgrade(database: Database, revision: str = "head") -> None:
     config = alembic_config()
-    # BEGIN IMMEDIATE on SQLite: servers starting at once queue for the lock instead of failing.
+    # SQLite: servers starting at once queue on the write gate, taken before the connection is
+    # even opened (its PRAGMAs switch a new file to WAL, which a concurrent opener can refuse
+    # with "database is locked" without waiting), then BEGIN IMMEDIATE as everywhere.
     options = {"sqlite_begin": "IMMEDIATE"} if database.is_sqlite else {}
-    with database.engine.connect().execution_options(**options) as connection, connection.begin():
+    with (
+        database.writers_excluded(),
+        database.engine.connect().execution_options(**options) as connection,
+        connection.begin(),
+    ):
         if database.backend == "postgresql":
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK_KEY}

@@ -65,6 +65,16 @@ class Database:
             session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
             yield session
 
+    @contextmanager
+    def writers_excluded(self) -> Iterator[None]:
+        """Hold the SQLite write gate (all writers of this file, in every process) without a
+        transaction; on PostgreSQL a no-op (its writers are ordered by row and advisory locks)."""
+        if self._write_gate is None:
+            yield
+            return
+        with self._write_gate:
+            yield
+
     def dedicated_writer(self) -> DedicatedWriter:
         """A writer that keeps one connection of its own (for one thread, e.g. a group
         commit's writer): no pool checkout, no pre-ping, no new Session per transaction."""

@@ -78,15 +78,31 @@ async def _client(
 
 async def _load(target: str, first_worker: int, clients: int, seconds: float) -> list[float]:
     latencies: list[float] = []
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.ClearingStub(channel)
+    # One channel, and so one connection, per client, as separate clients would have (the
+    # local subchannel pool stops grpc from sharing one connection between the channels).
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(clients)
+    ]
+    try:
+        for channel in channels:
+            await channel.channel_ready()
         now = time.perf_counter()
         await asyncio.gather(
             *(
-                _client(stub, first_worker + k, now + WARMUP_S + seconds, now + WARMUP_S, latencies)
-                for k in range(clients)
+                _client(
+                    pb_grpc.ClearingStub(channel),
+                    first_worker + k,
+                    now + WARMUP_S + seconds,
+                    now + WARMUP_S,
+                    latencies,
+                )
+                for k, channel in enumerate(channels)
             )
         )
+    finally:
+        for channel in channels:
+            await channel.close()
     return latencies
 
 

@@ -9,12 +9,15 @@ transaction of its own so that only the request at fault fails.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from contextlib import AbstractContextManager
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -36,30 +39,53 @@ BATCH_ATTEMPTS_MAX = 3  # a batch that hit a concurrent writer's row (another pr
 class _Job(Generic[Request, Result]):
     """A request and, once its batch has committed, its outcome.
 
-    A bare lock, held from creation until the outcome is set, is the whole handshake: the
-    caller blocks on it, the writer releases it. (concurrent.futures.Future builds a
-    Condition per call and takes it again on every state change; at thousands of calls a
-    second, under the GIL, that is measurable.)
+    A caller on a thread blocks on a bare lock, held from creation until the outcome is set
+    (concurrent.futures.Future builds a Condition per call and takes it again on every state
+    change; at thousands of calls a second, under the GIL, that is measurable). A caller on
+    an event loop awaits an asyncio future instead, which the writer resolves on that loop.
     """
 
-    __slots__ = ("_done", "_outcome", "request")
+    __slots__ = ("_done", "_outcome", "future", "loop", "request")
 
-    def __init__(self, request: Request) -> None:
+    def __init__(
+        self,
+        request: Request,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.request = request
+        self.loop = loop
+        self.future: asyncio.Future[Result] | None = None
         self._outcome: Result | BaseException | None = None
-        self._done = threading.Lock()
-        self._done.acquire()
+        self._done: threading.Lock | None = None
+        if loop is None:
+            self._done = threading.Lock()
+            self._done.acquire()
+        else:
+            self.future = loop.create_future()
 
     def finish(self, outcome: Result | BaseException) -> None:
+        """Set the outcome; for an awaited job, call this on its loop (see _resolve)."""
         self._outcome = outcome
-        self._done.release()
+        if self._done is not None:
+            self._done.release()
+        elif self.future is not None and not self.future.done():  # not given up by its caller
+            if isinstance(outcome, BaseException):
+                self.future.set_exception(outcome)
+            else:
+                self.future.set_result(outcome)
 
     def result(self) -> Result:
+        assert self._done is not None
         self._done.acquire()
         outcome = self._outcome
         if isinstance(outcome, BaseException):
             raise outcome
         return cast(Result, outcome)
+
+
+def _resolve(finished: list[tuple[_Job[Any, Any], Any]]) -> None:
+    for job, outcome in finished:
+        job.finish(outcome)
 
 
 class GroupCommitter(Generic[Request, Result]):
@@ -90,6 +116,18 @@ class GroupCommitter(Generic[Request, Result]):
         else:
             self._run_batch([job], self._db.write)
         return job.result()
+
+    async def submit_async(self, request: Request, pool: Executor) -> Result:
+        """`submit` for a caller on an event loop, which goes on serving while it waits.
+
+        Without group commit the request's own transaction runs on a thread of `pool`.
+        """
+        if not self._enabled:
+            return await asyncio.get_running_loop().run_in_executor(pool, self.submit, request)
+        job: _Job[Request, Result] = _Job(request, asyncio.get_running_loop())
+        self._queue.put(job)
+        assert job.future is not None
+        return await job.future
 
     def close(self) -> None:
         """Finish what is queued, then stop the writer."""
@@ -141,15 +179,29 @@ class GroupCommitter(Generic[Request, Result]):
                 continue
             except Exception as error:
                 if len(batch) == 1:
-                    batch[0].finish(error)
+                    self._finish([(batch[0], error)])
                     return
                 log.exception("batch of %d failed; running its requests one by one", len(batch))
                 break
-            for job, outcome in zip(batch, outcomes, strict=True):
-                job.finish(outcome)
+            self._finish(list(zip(batch, outcomes, strict=True)))
             return
         if len(batch) == 1:
-            batch[0].finish(RuntimeError("the database kept refusing this write; try again"))
+            refused = RuntimeError("the database kept refusing this write; try again")
+            self._finish([(batch[0], refused)])
             return
         for job in batch:
             self._run_batch([job], write)
+
+    @staticmethod
+    def _finish(finished: list[tuple[_Job[Request, Result], Result | BaseException]]) -> None:
+        """Hand out the outcomes: at once to blocked threads, and with one wake-up per event
+        loop for the awaited ones (not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job[Any, Any], Any]]] = {}
+        for job, outcome in finished:
+            if job.loop is None:
+                job.finish(outcome)
+            else:
+                by_loop.setdefault(job.loop, []).append((job, outcome))
+        for loop, jobs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(_resolve, jobs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -9,14 +10,16 @@ import queue
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass, replace
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ledger import liquidation
@@ -39,6 +42,8 @@ from ledger.server.query import QueryService
 
 log = logging.getLogger("ledger.server")
 
+_T = TypeVar("_T")
+
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 
 
@@ -55,7 +60,12 @@ class Settings:
 
 
 class LedgerServer:
-    """A started server; `stop()` lets in-flight calls finish."""
+    """A started server; `stop()` lets in-flight calls finish.
+
+    grpc.aio on an event loop of its own thread: the loop does the network side of every call
+    and runs RecordLiquidation, whose calls only wait for their batch; the blocking handlers
+    run on a pool of `threads`. The methods here are called from any other thread.
+    """
 
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
@@ -65,29 +75,42 @@ class LedgerServer:
         except BaseException:
             self.database.dispose()
             raise
-        self._health = health.HealthServicer()
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=settings.threads, thread_name_prefix="ledger-rpc"
-            ),
-            interceptors=[CallInterceptor()],
-            options=[
-                ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
-                ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ],
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=settings.threads, thread_name_prefix="ledger-rpc"
         )
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="ledger-grpc", daemon=True
+        )
+        self._loop_thread.start()
         self._liquidations: GroupCommitter[LiquidationRequest, LiquidationResult] = GroupCommitter(
             self.database,
             liquidation.record_batch,
             enabled=settings.group_commit,
             name="liquidation-writer",
         )
+        try:
+            self._health, self._server, self.port = self._on_loop(self._build(reuse_port))
+        except BaseException:
+            self._close()
+            raise
+
+    async def _build(self, reuse_port: bool) -> tuple[HealthServicer, grpc.aio.Server, int]:
+        """Made on the loop, which grpc.aio binds the server to."""
+        settings = self.settings
+        server = grpc.aio.server(
+            interceptors=[CallInterceptor(self._pool)],
+            options=[
+                ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+                ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ],
+        )
         admin = AdminService(self.database)
-        clearing = ClearingService(self._liquidations)
+        clearing = ClearingService(self._liquidations, self._pool)
         cycles = CycleService(self.database, settings.cycle_positions_max)
         query = QueryService(self.database)
-        self._server.add_generic_rpc_handlers(
+        server.add_generic_rpc_handlers(
             (
                 service_handler("Admin", admin),
                 service_handler(
@@ -99,28 +122,46 @@ class LedgerServer:
                 service_handler("Query", query, raw_responses={"StreamAllocations"}),
             )
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        health_servicer = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = self._server.add_insecure_port(settings.listen)
-        if self.port == 0:
+        port = server.add_insecure_port(settings.listen)
+        if port == 0:
             raise OSError(f"cannot listen on {settings.listen}")
+        return health_servicer, server, port
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def start(self) -> None:
-        self._server.start()
-        for name in (*SERVICE_NAMES, ""):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._on_loop(self._start())
         log.info("serving on port %d, database %s", self.port, self.database.backend)
 
+    async def _start(self) -> None:
+        await self._server.start()
+        for name in (*SERVICE_NAMES, ""):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
     def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        self._health.enter_graceful_shutdown()
-        self._server.stop(grace_seconds).wait()
+        self._on_loop(self._stop(grace_seconds))
+        self._close()
+
+    async def _stop(self, grace_seconds: float) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_seconds)
+
+    def _close(self) -> None:
+        self._pool.shutdown(wait=True)  # blocking handlers still running finish first
         self._liquidations.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join()
+        self._loop.close()
         self.database.dispose()
 
     def wait(self) -> None:
-        self._server.wait_for_termination()
+        self._on_loop(self._server.wait_for_termination())
 
 
 def service_handler(

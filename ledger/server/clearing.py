@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import grpc
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any
 
 from ledger import liquidation
 from ledger.api.v1 import insurance_pb2 as pb
@@ -10,14 +11,23 @@ from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
 from ledger.group_commit import GroupCommitter
 from ledger.liquidation import LiquidationRequest, LiquidationResult
 
+if TYPE_CHECKING:
+    from grpc.aio import ServicerContext
+
 
 class ClearingService(pb_grpc.ClearingServicer):
-    def __init__(self, liquidations: GroupCommitter[LiquidationRequest, LiquidationResult]) -> None:
+    def __init__(
+        self,
+        liquidations: GroupCommitter[LiquidationRequest, LiquidationResult],
+        pool: Executor,
+    ) -> None:
         self._liquidations = liquidations
+        self._pool = pool
 
-    def RecordLiquidation(
-        self, request: pb.RecordLiquidationRequest, context: grpc.ServicerContext
+    async def RecordLiquidation(
+        self, request: pb.RecordLiquidationRequest, context: ServicerContext[Any, Any]
     ) -> pb.LiquidationResult:
+        """On the event loop: the call waits for its batch's commit without holding a thread."""
         validated = liquidation.validate(
             request.liquidation_id,
             request.cycle_id,
@@ -30,7 +40,7 @@ class ClearingService(pb_grpc.ClearingServicer):
             request.close_price,
             request.remaining_margin,
         )
-        result = self._liquidations.submit(validated)
+        result = await self._liquidations.submit_async(validated, self._pool)
         return pb.LiquidationResult(
             liquidation_id=result.liquidation_id,
             currency=result.currency,

@@ -1,129 +1,268 @@
-"""Every call passes here: domain errors become statuses, and one log line is written."""
+"""Every call passes here: domain errors become statuses, and one log line is written.
+
+The server is grpc.aio: the event loop does the network work of every call, and the hot path
+(RecordLiquidation) is a coroutine that never leaves it. The other handlers are plain
+blocking functions (database sessions, Rust calls); each call of one runs on a thread of the
+pool, and is given a `ThreadContext`, the part of a servicer context that they use.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
+import grpc.aio
 
 from ledger.server.status import status_for
 
 log = logging.getLogger("ledger.calls")
 
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
-
+AsyncBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 if TYPE_CHECKING:  # generic only in grpc-stubs; at runtime the class takes no parameters
-    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
     _Handler = grpc.RpcMethodHandler[Any, Any]
+    _Context = grpc.aio.ServicerContext[Any, Any]
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
-    _ServerInterceptor = grpc.ServerInterceptor
     _Handler = grpc.RpcMethodHandler
+    _Context = grpc.aio.ServicerContext
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+_Loop = asyncio.AbstractEventLoop
+_END = object()  # the end of a request stream, passed from the loop to a handler's thread
+
+
+class Aborted(Exception):
+    """A handler on a thread ended its call with this status (ThreadContext.abort)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class ThreadContext:
+    """What a blocking handler may ask of its call, from its thread.
+
+    The aio context itself belongs to the event loop; these only read its state, and an
+    abort is carried back to the loop as an exception.
+    """
+
+    def __init__(self, context: _Context) -> None:
+        self._context = context
+        self._cancelled = False
+        self._code: grpc.StatusCode | None = None
+        self._details = ""
+
+    def is_active(self) -> bool:
+        """False once the client cancelled or the deadline passed."""
+        return not (self._cancelled or self._context.cancelled() or self._context.done())
+
+    def mark_cancelled(self) -> None:
+        """grpc cancelled the handler's task on the loop: the client is gone."""
+        self._cancelled = True
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        raise Aborted(code, details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()
 
 
 class CallInterceptor(_ServerInterceptor):
     """Wraps each method's handler once and reuses the wrapper for every later call to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: Executor) -> None:
+        self._pool = pool
         # method → (the handler as registered, its wrapper); grpc asks for every call
         self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
 
-    def intercept_service(
+    async def intercept_service(  # type: ignore[override]  # None: no such method
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
+    ) -> _Handler | None:
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, _wrap(method, handler))
+            cached = (handler, self._wrap(method, handler))
             self._wrapped[method] = cached
         return cached[1]
 
+    def _wrap(self, method: str, handler: _Handler) -> _Handler:
+        serdes = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary), **serdes
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, handler.stream_unary, streamed_requests=True), **serdes
+            )
+        if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+            if inspect.iscoroutinefunction(behavior):
+                return grpc.unary_stream_rpc_method_handler(
+                    _in_loop(method, cast(AsyncBehavior, behavior)), **serdes
+                )
+            if not inspect.isasyncgenfunction(behavior):
+                return grpc.unary_stream_rpc_method_handler(
+                    self._streaming(method, behavior), **serdes
+                )
+        return handler
 
-def _wrap(method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _unary(method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            _unary(method, handler.stream_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _streaming(method, handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    return handler
+    def _unary(
+        self, method: str, behavior: Callable[..., Any], *, streamed_requests: bool = False
+    ) -> AsyncBehavior:
+        if inspect.iscoroutinefunction(behavior):
+            return _in_loop(method, cast(AsyncBehavior, behavior))
+        pool = self._pool
+
+        async def call(request: Any, context: _Context) -> Any:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            thread_context = ThreadContext(context)
+            if streamed_requests:
+                request = _BlockingRequests(request, loop, thread_context)
+            try:
+                return await loop.run_in_executor(pool, behavior, request, thread_context)
+            except asyncio.CancelledError:
+                thread_context.mark_cancelled()
+                raise
+            except Exception as error:
+                await _abort(context, method, error)
+            finally:
+                _log(method, context, started)
+
+        return call
+
+    def _streaming(self, method: str, behavior: Callable[..., Iterator[Any]]) -> AsyncBehavior:
+        """A blocking generator runs on one thread from start to end (its database session
+        stays on that thread) and hands each response to the loop, which sends it; the
+        thread waits for each write, so a slow client slows the generator, not memory."""
+        pool = self._pool
+
+        def produce(
+            request: Any, context: _Context, thread_context: ThreadContext, loop: _Loop
+        ) -> None:
+            for response in behavior(request, thread_context):
+                if not thread_context.is_active():
+                    raise CallCancelled("the client cancelled the call")
+                asyncio.run_coroutine_threadsafe(context.write(response), loop).result()
+
+        async def call(request: Any, context: _Context) -> None:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            thread_context = ThreadContext(context)
+            try:
+                await loop.run_in_executor(pool, produce, request, context, thread_context, loop)
+            except asyncio.CancelledError:
+                thread_context.mark_cancelled()
+                raise
+            except Exception as error:
+                await _abort(context, method, error)
+            finally:
+                _log(method, context, started)
+
+        return call
 
 
-def _unary(method: str, behavior: Behavior) -> Behavior:
-    def call(request: Any, context: grpc.ServicerContext) -> Any:
+def _in_loop(method: str, behavior: AsyncBehavior) -> AsyncBehavior:
+    async def call(request: Any, context: _Context) -> Any:
         started = time.perf_counter()
         try:
-            return behavior(request, context)
+            return await behavior(request, context)
         except Exception as error:
-            _abort(context, method, error)
+            await _abort(context, method, error)
         finally:
             _log(method, context, started)
 
     return call
 
 
-def _streaming(method: str, behavior: Behavior) -> Behavior:
-    def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        started = time.perf_counter()
-        try:
-            yield from behavior(request, context)
-        except Exception as error:
-            _abort(context, method, error)
-        finally:
-            _log(method, context, started)
-
-    return call
+class CallCancelled(Exception):
+    """The client went away while a handler's thread was still working for it."""
 
 
-def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> None:
+class _BlockingRequests:
+    """The request stream of a call, read from a handler's thread: each message is awaited
+    on the event loop, which owns the call.
+
+    A client's cancel also ends the stream, as if it were complete; grpc cancels the
+    handler's task right after, so the end is confirmed a few loop turns later, and a
+    stream cut short by a cancel raises instead of ending.
+    """
+
+    def __init__(self, requests: AsyncIterator[Any], loop: _Loop, context: ThreadContext) -> None:
+        self._requests = requests
+        self._loop = loop
+        self._context = context
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        message = asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
+        if message is _END:
+            if not self._context.is_active():
+                raise CallCancelled("the client cancelled the call")
+            raise StopIteration
+        return message
+
+    async def _next(self) -> Any:
+        message = await anext(self._requests, _END)
+        if message is _END:
+            for _ in range(_END_CONFIRM_TURNS):
+                await asyncio.sleep(0)
+        return message
+
+
+_END_CONFIRM_TURNS = 3
+
+
+async def _abort(context: _Context, method: str, error: Exception) -> NoReturn:
+    if isinstance(error, Aborted):
+        await context.abort(error.code, error.details)
     code = status_for(error)
     if code is not None:
-        context.abort(code, str(error))
-    already = _code(context)
-    if already not in (None, grpc.StatusCode.OK):
-        # The handler set its own status (context.abort, or UNIMPLEMENTED from a generated
-        # base class): end the call with it, quietly.
-        if isinstance(error, NotImplementedError):
-            context.abort(already, "method not implemented")
-        raise error
-    if not context.is_active():
+        await context.abort(code, str(error))
+    if isinstance(error, NotImplementedError):
+        # A generated base class: the method is in the contract but not served.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
+    if context.cancelled() or context.done():
         # The client cancelled or the deadline passed while the handler ran: not a fault.
-        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
-    log.exception("%s failed unexpectedly", method)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+        await context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+    log.error("%s failed unexpectedly", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 
 
-def _log(method: str, context: grpc.ServicerContext, started: float) -> None:
+def _log(method: str, context: _Context, started: float) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
-    code = _code(context) or grpc.StatusCode.OK
-    if not context.is_active() and code == grpc.StatusCode.OK:
+    code = context.code() or grpc.StatusCode.OK
+    if context.cancelled():
         code = grpc.StatusCode.CANCELLED
     elapsed_ms = (time.perf_counter() - started) * 1000
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     log.info("method=%s status=%s duration_ms=%.2f", method, name, elapsed_ms)
-
-
-def _code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
-    """The status set so far (ServicerContext.code() exists since grpcio 1.38; not in stubs)."""
-    return cast(Any, context).code()  # type: ignore[no-any-return]

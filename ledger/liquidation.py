@@ -11,29 +11,20 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ledger import journal, money
+from ledger import money
 from ledger.currency import ContractKind
 from ledger.db import models
-from ledger.db.store import (
-    account_deltas,
-    apply_deltas,
-    lock_system_loss,
-    now_us,
-    reserve_entry_ids,
-)
+from ledger.db.batch import BatchStatements
+from ledger.db.store import now_us
 from ledger.db.u64 import to_signed
 from ledger.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ledger.idempotency import request_hash
 from ledger.journal import INSURANCE_FUND, LIQUIDATION_ENGINE, SYSTEM_LOSS, EntryKind
 from ledger.limits import INT64_MAX, INT64_MIN, UINT64_MAX
-
-_T = TypeVar("_T")
-_IN_CLAUSE_MAX = 500  # ids per IN (...) list, well under every backend's parameter limit
 
 
 class Side(enum.IntEnum):
@@ -66,6 +57,9 @@ class LiquidationRequest:
     close_price: Decimal
     remaining_margin: int
     digest: str
+    quantity_text: str  # the decimals in canonical form, as stored and hashed
+    takeover_price_text: str
+    close_price_text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +103,7 @@ def validate(
     q = money.positive_decimal("quantity", quantity)
     takeover = money.positive_decimal("takeover_price", takeover_price)
     close = money.positive_decimal("close_price", close_price)
+    texts = money.canonical(q), money.canonical(takeover), money.canonical(close)
     digest = request_hash(
         liquidation_id=liquidation_id,
         cycle_id=cycle_id,
@@ -116,9 +111,9 @@ def validate(
         account_id=account_id,
         position_id=position_id,
         side=side,
-        quantity=money.canonical(q),
-        takeover_price=money.canonical(takeover),
-        close_price=money.canonical(close),
+        quantity=texts[0],
+        takeover_price=texts[1],
+        close_price=texts[2],
         remaining_margin=remaining_margin,
     )
     return LiquidationRequest(
@@ -133,6 +128,7 @@ def validate(
         close,
         remaining_margin,
         digest,
+        *texts,
     )
 
 
@@ -191,110 +187,111 @@ class _Stored:
     result: LiquidationResult
 
 
-class _Driver:
-    """The batch's own statements, sent straight through the DBAPI cursor of the session's
-    connection (so inside its transaction).
+@dataclass(slots=True)
+class _Account:
+    """A system account row as locked by the batch, moved in memory as the batch goes."""
 
-    The single writer of a group commit runs these for every batch while every RPC thread
-    waits for it, under one GIL: SQLAlchemy's execution path costs tens of microseconds a
-    statement, the driver's a few. The statements are plain enough to read as SQL; the
-    inserts take their column lists from the models so that they cannot drift from them.
-    """
+    balance: int
+    credit_total: int
+    debit_total: int
+    moved: bool = False
 
-    def __init__(self, session: Session) -> None:
-        connection = session.connection()
-        self.is_sqlite = connection.dialect.name == "sqlite"
-        self._mark = "?" if self.is_sqlite else "%s"  # sqlite3: qmark; psycopg: format
-        self._cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-
-    def rows(self, sql: str, keys: set[str]) -> list[tuple[Any, ...]]:
-        """Run `sql` with its one `IN ({})` list filled with `keys`, in chunks."""
-        found: list[tuple[Any, ...]] = []
-        for chunk in _chunks(sorted(keys)):
-            self._cursor.execute(sql.format(", ".join([self._mark] * len(chunk))), chunk)
-            found.extend(self._cursor.fetchall())
-        return found
-
-    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-        """Insert rows of `columns`: one executemany on SQLite (a loop in C), one multi-row
-        VALUES statement a chunk on PostgreSQL (one round trip)."""
-        values = "(" + ", ".join([self._mark] * len(columns)) + ")"
-        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-        if self.is_sqlite:
-            self._cursor.executemany(sql + values, rows)
-            return
-        for chunk in _chunks(list(rows)):
-            flat = [value for row in chunk for value in row]
-            self._cursor.execute(sql + ", ".join([values] * len(chunk)), flat)
+    def move(self, credits: int, debits: int) -> bool:
+        """Apply the amounts if every bound holds (int64 for the balance and both totals;
+        the fund's floor is never at stake here, a liquidation only pays into it)."""
+        balance = self.balance + credits - debits
+        credit_total = self.credit_total + credits
+        debit_total = self.debit_total + debits
+        if not (
+            INT64_MIN <= balance <= INT64_MAX
+            and credit_total <= INT64_MAX
+            and debit_total <= INT64_MAX
+        ):
+            return False
+        self.balance, self.credit_total, self.debit_total = balance, credit_total, debit_total
+        self.moved = True
+        return True
 
 
-_ENTRY_COLUMNS = (
-    "id",
-    "currency",
-    "kind",
-    "reference",
-    "debit_account",
-    "credit_account",
-    "amount",
-    "memo",
-    "created_at_us",
-)
-_LIQUIDATION_COLUMNS = (
-    "liquidation_id",
-    "request_hash",
-    "currency",
-    "cycle_id",
-    "symbol",
-    "account_id",
-    "position_id",
-    "side",
-    "quantity",
-    "takeover_price",
-    "close_price",
-    "remaining_margin",
-    "engine_result",
-    "outcome",
-    "fund_balance_after",
-    "entry_id",
-    "created_at_us",
-)
-# Every column of the models, so that a new column cannot be silently left out.
-assert set(_ENTRY_COLUMNS) == set(models.Entry.__table__.columns.keys())
-assert set(_LIQUIDATION_COLUMNS) == set(models.Liquidation.__table__.columns.keys())
+_ENTRIES = models.Base.metadata.tables["entries"]
+_LIQUIDATIONS = models.Base.metadata.tables["liquidations"]
+_ACCOUNT_NAMES = (SYSTEM_LOSS, INSURANCE_FUND, LIQUIDATION_ENGINE)
 
 _SELECT_CONTRACTS = (
     "SELECT contracts.symbol, contracts.margin_currency, contracts.kind, contracts.multiplier,"
     " currencies.scale FROM contracts"
     " JOIN currencies ON currencies.code = contracts.margin_currency"
-    " WHERE contracts.symbol IN ({})"
+    " WHERE contracts.symbol {}"
+)
+# The lock order of every writer (see ledger.db.store): system_loss rows first, then the other
+# accounts by (currency, name); the entry id counter last.
+_LOCK_ACCOUNTS = (
+    "SELECT currency, name, balance, credit_total, debit_total FROM accounts"
+    f" WHERE name IN ('{SYSTEM_LOSS}', '{INSURANCE_FUND}', '{LIQUIDATION_ENGINE}')"
+    " AND currency IN (SELECT margin_currency FROM contracts WHERE symbol {})"
+    f" ORDER BY CASE WHEN name = '{SYSTEM_LOSS}' THEN 0 ELSE 1 END, currency, name"
 )
 _SELECT_PREVIOUS = (
     "SELECT liquidation_id, request_hash, currency, engine_result, outcome, fund_balance_after,"
-    " entry_id FROM liquidations WHERE liquidation_id IN ({})"
+    " entry_id FROM liquidations WHERE liquidation_id {}"
 )
-_SELECT_CLOSED = "SELECT currency, cycle_id FROM cycles WHERE cycle_id IN ({})"
-_SELECT_FUNDS = (
-    f"SELECT currency, balance FROM accounts WHERE name = '{INSURANCE_FUND}' AND currency IN ({{}})"
+_SELECT_CLOSED = "SELECT currency, cycle_id FROM cycles WHERE cycle_id {}"
+_LOCK_ENTRY_IDS = "SELECT next_value FROM counters WHERE name = 'entry_id'"
+_SET_ENTRY_IDS = "UPDATE counters SET next_value = ? WHERE name = 'entry_id'"
+_SET_ACCOUNT = (
+    "UPDATE accounts SET balance = ?, credit_total = ?, debit_total = ?"
+    " WHERE currency = ? AND name = ?"
 )
 
 
 def record_batch(
     session: Session, requests: Sequence[LiquidationRequest]
 ) -> list[LiquidationResult | Exception]:
-    """Record a batch of liquidations in the caller's transaction, with a few statements in all.
+    """Record a batch of liquidations in the caller's transaction.
 
-    Each request gets its result or its own error (unknown symbol, result beyond int64, an id
-    reused with other content, a closed cycle); the others are written regardless.
+    Two round trips to the database whatever the batch size: one reads and locks what the
+    batch depends on (contracts, the accounts it moves, earlier uses of its ids, closed
+    cycles, the entry id counter), one writes (accounts, counter, entries, liquidations).
+    Every decision in between is made in memory against the locked rows. Each request gets
+    its result or its own error (unknown symbol, a result beyond int64, an id reused with
+    other content, a closed cycle); the others are written regardless.
     """
-    driver = _Driver(session)
+    db = BatchStatements(session)
+    lock = db.for_update
+    symbols = {r.symbol for r in requests}
+    with db.round_trip():
+        contract_rows = db.select_in(_SELECT_CONTRACTS, symbols)
+        account_rows = db.select_in(_LOCK_ACCOUNTS + lock, symbols)
+        previous_rows = db.select_in(_SELECT_PREVIOUS, {r.liquidation_id for r in requests})
+        closed_rows = db.select_in(_SELECT_CLOSED, {r.cycle_id for r in requests})
+        counter_rows = db.execute(_LOCK_ENTRY_IDS + lock)
+    contracts = {
+        symbol: _Contract(currency, ContractKind(kind), Decimal(multiplier), scale)
+        for symbol, currency, kind, multiplier, scale in contract_rows.rows()
+    }
+    accounts = {
+        (currency, name): _Account(int(balance), int(credits), int(debits))
+        for currency, name, balance, credits, debits in account_rows.rows()
+    }
+    previous = {
+        lid: _Stored(digest, LiquidationResult(lid, cur, value, Outcome(out), fund, entry or 0))
+        for lid, digest, cur, value, out, fund, entry in previous_rows.rows()
+    }
+    closed = {(currency, cycle_id) for currency, cycle_id in closed_rows.rows()}
+    ((next_entry_id,),) = counter_rows.rows()
+
     outcomes: list[LiquidationResult | Exception | None] = [None] * len(requests)
-    contracts = _contracts(driver, {r.symbol for r in requests})
-    results: dict[int, tuple[str, int]] = {}  # index → (currency, engine_result)
+    first_in_batch: dict[str, int] = {}
+    aliases: dict[int, int] = {}  # a repeat within the batch → the index it repeats
+    entry_rows: list[tuple[object, ...]] = []
+    liquidation_rows: list[tuple[object, ...]] = []
+    created = now_us()
     for i, r in enumerate(requests):
         contract = contracts.get(r.symbol)
         if contract is None:
             outcomes[i] = NotFound(f"symbol: unknown contract {r.symbol!r}")
             continue
+        currency = contract.currency
         value = engine_result(
             contract.kind,
             r.side,
@@ -310,133 +307,66 @@ def record_batch(
                 "engine_result", value, "does not fit a signed 64-bit integer of minor units"
             )
             continue
-        results[i] = (contract.currency, value)
-    if not results:
-        return _complete(outcomes)
-
-    lock_system_loss(session, [currency for currency, _ in results.values()])
-    previous = _previous(driver, {requests[i].liquidation_id for i in results})
-    closed = _closed_cycles(driver, {requests[i].cycle_id for i in results})
-
-    first_in_batch: dict[str, int] = {}
-    aliases: dict[int, int] = {}  # a repeat within the batch → the index it repeats
-    to_write: list[int] = []
-    for i, (currency, _value) in results.items():
-        r = requests[i]
         stored = previous.get(r.liquidation_id)
         if stored is not None:
             outcomes[i] = stored.result if stored.request_hash == r.digest else _conflict(r)
-        elif r.liquidation_id in first_in_batch:
+            continue
+        if r.liquidation_id in first_in_batch:
             j = first_in_batch[r.liquidation_id]
-            if requests[j].digest != r.digest:
-                outcomes[i] = _conflict(r)
-            else:
+            if requests[j].digest == r.digest:
                 aliases[i] = j
-        elif (currency, r.cycle_id) in closed:
+            else:
+                outcomes[i] = _conflict(r)
+            continue
+        if (currency, r.cycle_id) in closed:
             outcomes[i] = FailedPrecondition(
                 f"cycle {r.cycle_id!r} of {currency} is closed; report liquidations in an "
                 "open cycle"
             )
-        else:
-            first_in_batch[r.liquidation_id] = i
-            to_write.append(i)
-
-    for i, result in _write(session, driver, requests, results, to_write).items():
-        outcomes[i] = result
-    for i, j in aliases.items():
-        outcomes[i] = outcomes[j]
-    return _complete(outcomes)
-
-
-def _complete(
-    outcomes: list[LiquidationResult | Exception | None],
-) -> list[LiquidationResult | Exception]:
-    done = [o for o in outcomes if o is not None]
-    assert len(done) == len(outcomes), "a request of the batch was left without an outcome"
-    return done
-
-
-def _write(
-    session: Session,
-    driver: _Driver,
-    requests: Sequence[LiquidationRequest],
-    results: dict[int, tuple[str, int]],
-    to_write: list[int],
-) -> dict[int, LiquidationResult]:
-    if not to_write:
-        return {}
-    created = now_us()
-    transfers: dict[int, journal.Transfer] = {}
-    for i in to_write:
-        currency, value = results[i]
-        r = requests[i]
-        if value > 0:
-            transfers[i] = journal.transfer(
-                EntryKind.LIQUIDATION_PROFIT,
-                currency,
-                r.liquidation_id,
-                LIQUIDATION_ENGINE,
-                INSURANCE_FUND,
-                value,
-            )
-        elif value < 0:
-            transfers[i] = journal.transfer(
-                EntryKind.LIQUIDATION_LOSS,
-                currency,
-                r.liquidation_id,
-                SYSTEM_LOSS,
-                LIQUIDATION_ENGINE,
-                -value,
-            )
-    balances = apply_deltas(session, account_deltas(list(transfers.values())))
-    entry_ids: dict[int, int] = {}
-    if transfers:
-        first = reserve_entry_ids(session, len(transfers))
-        entry_rows = []
-        for n, (i, t) in enumerate(transfers.items()):
-            entry_ids[i] = first + n
+            continue
+        fund = accounts[(currency, INSURANCE_FUND)]
+        entry_id: int | None = None
+        if value != 0:
+            if value > 0:
+                kind, debit, credit, amount = (
+                    EntryKind.LIQUIDATION_PROFIT,
+                    LIQUIDATION_ENGINE,
+                    INSURANCE_FUND,
+                    value,
+                )
+            else:
+                kind, debit, credit, amount = (
+                    EntryKind.LIQUIDATION_LOSS,
+                    SYSTEM_LOSS,
+                    LIQUIDATION_ENGINE,
+                    -value,
+                )
+            refused = _move(accounts, currency, debit, credit, amount)
+            if refused is not None:
+                outcomes[i] = refused
+                continue
+            entry_id = next_entry_id
+            next_entry_id += 1
             entry_rows.append(
                 (
-                    first + n,
-                    t.currency,
-                    int(t.kind),
-                    t.reference,
-                    t.debit,
-                    t.credit,
-                    t.amount,
-                    t.memo,
+                    entry_id,
+                    currency,
+                    int(kind),
+                    r.liquidation_id,
+                    debit,
+                    credit,
+                    amount,
+                    "",
                     created,
                 )
             )
-        driver.insert("entries", _ENTRY_COLUMNS, entry_rows)
-    # The fund's balance right after each liquidation, in batch order: walk back from the
-    # balance after the batch by the batch's inflows, then forward one liquidation at a time.
-    currencies = {results[i][0] for i in to_write}
-    running = {
-        c: balances[(c, INSURANCE_FUND)] for c in currencies if (c, INSURANCE_FUND) in balances
-    }
-    if len(running) < len(currencies):  # no inflow to these funds in this batch
-        running.update(_fund_balances(driver, currencies - running.keys()))
-    for t in transfers.values():
-        if t.credit == INSURANCE_FUND:
-            running[t.currency] -= t.amount
-    written: dict[int, LiquidationResult] = {}
-    rows = []
-    for i in to_write:
-        currency, value = results[i]
-        if value > 0:
-            running[currency] += value
-        r = requests[i]
+        first_in_batch[r.liquidation_id] = i
+        outcome = outcome_of(value)
         result = LiquidationResult(
-            r.liquidation_id,
-            currency,
-            value,
-            outcome_of(value),
-            running[currency],
-            entry_ids.get(i, 0),
+            r.liquidation_id, currency, value, outcome, fund.balance, entry_id or 0
         )
-        written[i] = result
-        rows.append(
+        outcomes[i] = result
+        liquidation_rows.append(
             (
                 r.liquidation_id,
                 r.digest,
@@ -446,53 +376,71 @@ def _write(
                 to_signed(r.account_id),
                 to_signed(r.position_id),
                 int(r.side),
-                money.canonical(r.quantity),
-                money.canonical(r.takeover_price),
-                money.canonical(r.close_price),
+                r.quantity_text,
+                r.takeover_price_text,
+                r.close_price_text,
                 r.remaining_margin,
                 value,
-                int(result.outcome),
-                result.fund_balance,
-                entry_ids.get(i),
+                int(outcome),
+                fund.balance,
+                entry_id,
                 created,
             )
         )
-    driver.insert("liquidations", _LIQUIDATION_COLUMNS, rows)
-    return written
+    for i, j in aliases.items():
+        outcomes[i] = outcomes[j]
+
+    if liquidation_rows:
+        with db.round_trip():
+            for (currency, name), account in sorted(accounts.items()):
+                if account.moved:
+                    db.execute(
+                        _SET_ACCOUNT,
+                        (
+                            account.balance,
+                            account.credit_total,
+                            account.debit_total,
+                            currency,
+                            name,
+                        ),
+                    )
+            if entry_rows:
+                db.execute(_SET_ENTRY_IDS, (next_entry_id,))
+                db.insert(_ENTRIES, entry_rows)
+            db.insert(_LIQUIDATIONS, liquidation_rows)
+    done = [o for o in outcomes if o is not None]
+    assert len(done) == len(outcomes), "a request of the batch was left without an outcome"
+    return done
 
 
-def _contracts(driver: _Driver, symbols: set[str]) -> dict[str, _Contract]:
-    return {
-        symbol: _Contract(currency, ContractKind(kind), Decimal(multiplier), scale)
-        for symbol, currency, kind, multiplier, scale in driver.rows(_SELECT_CONTRACTS, symbols)
-    }
-
-
-def _previous(driver: _Driver, ids: set[str]) -> dict[str, _Stored]:
-    found: dict[str, _Stored] = {}
-    for lid, digest, currency, value, outcome, fund, entry_id in driver.rows(_SELECT_PREVIOUS, ids):
-        result = LiquidationResult(lid, currency, value, Outcome(outcome), fund, entry_id or 0)
-        found[lid] = _Stored(digest, result)
-    return found
-
-
-def _closed_cycles(driver: _Driver, cycle_ids: set[str]) -> set[tuple[str, str]]:
-    """(currency, cycle_id) of the closed cycles among these ids, of any currency."""
-    return {(currency, cycle_id) for currency, cycle_id in driver.rows(_SELECT_CLOSED, cycle_ids)}
-
-
-def _fund_balances(driver: _Driver, currencies: set[str]) -> dict[str, int]:
-    return {c: int(b) for c, b in driver.rows(_SELECT_FUNDS, currencies)}
+def _move(
+    accounts: dict[tuple[str, str], _Account],
+    currency: str,
+    debit: str,
+    credit: str,
+    amount: int,
+) -> InvalidArgument | None:
+    """Move `amount` from `debit` to `credit` in memory, or say why it cannot be."""
+    debited, credited = accounts[(currency, debit)], accounts[(currency, credit)]
+    before = (debited.balance, debited.credit_total, debited.debit_total, debited.moved)
+    if debited.move(0, amount):
+        if credited.move(amount, 0):
+            return None
+        debited.balance, debited.credit_total, debited.debit_total, debited.moved = before
+        name = credit
+    else:
+        name = debit
+    return InvalidArgument(
+        "engine_result",
+        amount,
+        f"would take {name} of {currency} beyond a signed 64-bit integer",
+    )
 
 
 def _conflict(request: LiquidationRequest) -> AlreadyExists:
     return AlreadyExists(
         f"liquidation_id {request.liquidation_id!r} was already used for a different liquidation"
     )
-
-
-def _chunks(items: list[_T]) -> list[list[_T]]:
-    return [items[k : k + _IN_CLAUSE_MAX] for k in range(0, len(items), _IN_CLAUSE_MAX)]
 
 
 def loss_total(session: Session, currency: str, cycle_id: str) -> int:

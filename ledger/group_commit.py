@@ -19,9 +19,9 @@ from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from ledger.db.batch import DRIVER_ERRORS
 from ledger.db.session import Database
 
 log = logging.getLogger("ledger.group_commit")
@@ -174,7 +174,7 @@ class GroupCommitter(Generic[Request, Result]):
                     outcomes = self._batch_fn(session, [job.request for job in batch])
                     if len(outcomes) != len(batch):
                         raise AssertionError(f"{len(outcomes)} outcomes for {len(batch)} requests")
-            except DBAPIError as error:
+            except DRIVER_ERRORS as error:
                 log.warning("batch of %d failed (attempt %d): %s", len(batch), attempt, error)
                 continue
             except Exception as error:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from ledger import money
 from ledger.currency import ContractKind
 from ledger.db import models
-from ledger.db.batch import BatchStatements
+from ledger.db.batch import BatchStatements, Insert, Statement
 from ledger.db.store import now_us
 from ledger.db.u64 import to_signed
 from ledger.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -259,26 +259,28 @@ def record_batch(
     db = BatchStatements(session)
     lock = db.for_update
     symbols = {r.symbol for r in requests}
-    with db.round_trip():
-        contract_rows = db.select_in(_SELECT_CONTRACTS, symbols)
-        account_rows = db.select_in(_LOCK_ACCOUNTS + lock, symbols)
-        previous_rows = db.select_in(_SELECT_PREVIOUS, {r.liquidation_id for r in requests})
-        closed_rows = db.select_in(_SELECT_CLOSED, {r.cycle_id for r in requests})
-        counter_rows = db.execute(_LOCK_ENTRY_IDS + lock)
+    account_rows, counter_rows, contract_rows, previous_rows, closed_rows = db.select_together(
+        [(_LOCK_ACCOUNTS + lock, symbols), (_LOCK_ENTRY_IDS + lock, None)],
+        [
+            (_SELECT_CONTRACTS, symbols),
+            (_SELECT_PREVIOUS, {r.liquidation_id for r in requests}),
+            (_SELECT_CLOSED, {r.cycle_id for r in requests}),
+        ],
+    )
     contracts = {
         symbol: _Contract(currency, ContractKind(kind), Decimal(multiplier), scale)
-        for symbol, currency, kind, multiplier, scale in contract_rows.rows()
+        for symbol, currency, kind, multiplier, scale in contract_rows
     }
     accounts = {
         (currency, name): _Account(int(balance), int(credits), int(debits))
-        for currency, name, balance, credits, debits in account_rows.rows()
+        for currency, name, balance, credits, debits in account_rows
     }
     previous = {
         lid: _Stored(digest, LiquidationResult(lid, cur, value, Outcome(out), fund, entry or 0))
-        for lid, digest, cur, value, out, fund, entry in previous_rows.rows()
+        for lid, digest, cur, value, out, fund, entry in previous_rows
     }
-    closed = {(currency, cycle_id) for currency, cycle_id in closed_rows.rows()}
-    ((next_entry_id,),) = counter_rows.rows()
+    closed = {(currency, cycle_id) for currency, cycle_id in closed_rows}
+    ((next_entry_id,),) = counter_rows
 
     outcomes: list[LiquidationResult | Exception | None] = [None] * len(requests)
     first_in_batch: dict[str, int] = {}
@@ -391,23 +393,14 @@ def record_batch(
         outcomes[i] = outcomes[j]
 
     if liquidation_rows:
-        with db.round_trip():
-            for (currency, name), account in sorted(accounts.items()):
-                if account.moved:
-                    db.execute(
-                        _SET_ACCOUNT,
-                        (
-                            account.balance,
-                            account.credit_total,
-                            account.debit_total,
-                            currency,
-                            name,
-                        ),
-                    )
-            if entry_rows:
-                db.execute(_SET_ENTRY_IDS, (next_entry_id,))
-                db.insert(_ENTRIES, entry_rows)
-            db.insert(_LIQUIDATIONS, liquidation_rows)
+        writes: list[Statement | Insert] = [
+            (_SET_ACCOUNT, (a.balance, a.credit_total, a.debit_total, currency, name))
+            for (currency, name), a in sorted(accounts.items())
+            if a.moved
+        ]
+        if entry_rows:
+            writes += [(_SET_ENTRY_IDS, (next_entry_id,)), Insert(_ENTRIES, entry_rows)]
+        db.write_together([*writes, Insert(_LIQUIDATIONS, liquidation_rows)])
     done = [o for o in outcomes if o is not None]
     assert len(done) == len(outcomes), "a request of the batch was left without an outcome"
     return done

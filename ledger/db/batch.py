@@ -13,12 +13,21 @@ SQLAlchemy's execution path costs tens of microseconds a statement, the driver's
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import BigInteger, Integer, SmallInteger, Table
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+
+# What the drivers raise from statements sent straight through them (SQLAlchemy wraps the
+# same errors in DBAPIError only on its own execution path): a conflict with a concurrent
+# writer, a lock timeout, a lost connection; the batch is worth running again.
+DRIVER_ERRORS: tuple[type[Exception], ...] = (DBAPIError, sqlite3.Error, psycopg.Error)
 
 IN_LIST_MAX = 500  # keys per SQLite IN (...) list, well under its parameter limit
 
@@ -81,22 +90,88 @@ class BatchStatements:
             cursors.extend(self.execute(sql.format(condition), [*params, *chunk])._cursors)
         return Pending(cursors)
 
-    def insert(self, table: Table, rows: Sequence[Sequence[Any]]) -> None:
-        """Insert rows holding every column of `table`, in the table's column order."""
-        if not rows:
-            return
-        names = ", ".join(table.columns.keys())
+    def select_together(
+        self, *statements: Sequence[tuple[str, Iterable[Any] | None]]
+    ) -> list[list[tuple[Any, ...]]]:
+        """The rows of each query (sql, keys) of each statement, in order: `sql` with one `{}`
+        for the key condition (as in select_in), or keys None for none.
+
+        On PostgreSQL the queries of a statement become its columns, each aggregated to a
+        JSON array, and the statements go in one pipeline: one round trip for the lot (and
+        its BEGIN), and the driver parses one row per statement instead of running its
+        pipeline machinery per query. Each statement reads its own snapshot, so a statement
+        that takes row locks comes first and the reads that must see what the lock waited
+        for go in the next one.
+        """
         if self.is_sqlite:
-            marks = ", ".join(["?"] * len(table.columns))
-            cursor = self._dbapi.cursor()
-            cursor.executemany(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows)
+            return [
+                (self.select_in(sql, keys) if keys is not None else self.execute(sql)).rows()
+                for queries in statements
+                for sql, keys in queries
+            ]
+        pending = []
+        with self.round_trip():
+            for queries in statements:
+                columns, params = [], []
+                for sql, keys in queries:
+                    if keys is not None:
+                        sql = sql.format("= ANY(?)")
+                        params.append(sorted(set(keys)))
+                    columns.append(f"(SELECT coalesce(json_agg(t), '[]') FROM ({sql}) t)")
+                pending.append(self.execute("SELECT " + ", ".join(columns), params))
+        return [
+            [tuple(item.values()) for item in column]
+            for statement in pending
+            for column in statement.rows()[0]
+        ]
+
+    def write_together(self, statements: Sequence[Statement | Insert]) -> None:
+        """Run data-changing statements in their order; on PostgreSQL as one statement of
+        data-modifying WITH clauses, so one round trip and one plan for the lot."""
+        if self.is_sqlite:
+            for statement in statements:
+                if isinstance(statement, Insert):
+                    self._insert_sqlite(statement)
+                else:
+                    self.execute(*statement)
             return
-        arrays = ", ".join(f"%s::{_pg_type(column.type)}[]" for column in table.columns)
-        cursor = self._dbapi.cursor()
-        cursor.execute(
-            f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays})",
-            [list(column) for column in zip(*rows, strict=True)],
-        )
+        parts = [self._insert_pg(s) if isinstance(s, Insert) else s for s in statements]
+        if not parts:
+            return
+        *clauses, (last, params) = parts
+        sql = ""
+        if clauses:
+            sql = "WITH " + ", ".join(f"w{n} AS ({c})" for n, (c, _) in enumerate(clauses)) + " "
+            params = [*(p for _, clause_params in clauses for p in clause_params), *params]
+        self.execute(sql + last, params)
+
+    def _insert_sqlite(self, insert: Insert) -> None:
+        if insert.rows:
+            table = insert.table
+            names = ", ".join(table.columns.keys())
+            marks = ", ".join(["?"] * len(table.columns))
+            self._dbapi.cursor().executemany(
+                f"INSERT INTO {table.name} ({names}) VALUES ({marks})", insert.rows
+            )
+
+    @staticmethod
+    def _insert_pg(insert: Insert) -> Statement:
+        table = insert.table
+        names = ", ".join(table.columns.keys())
+        arrays = ", ".join(f"?::{_pg_type(column.type)}[]" for column in table.columns)
+        columns = [list(column) for column in zip(*insert.rows, strict=True)]
+        return f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays})", columns
+
+
+Statement = tuple[str, Sequence[Any]]  # SQL with ? placeholders, and its parameters
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """Rows holding every column of `table`, in the table's column order."""
+
+    table: Table
+    rows: Sequence[Sequence[Any]]
 
 
 def _pg_type(column_type: Any) -> str:

@@ -1,11 +1,16 @@
 """Load benchmark of RecordLiquidation: group commit against one transaction per call.
 
-For each backend (SQLite, PostgreSQL) and each mode, a fresh database and a `ledger serve`
-process; then CLIENTS concurrent clients (spread over LOAD_PROCESSES processes, grpc.aio)
-send durable liquidations on loopback for SECONDS, each waiting for its reply. Prints calls
-per second, p50 and p99 latency, and the group-commit / per-call ratio from the same run.
+For each backend (SQLite, PostgreSQL), client and mode, a fresh database and a `ledger serve`
+process; then CLIENTS concurrent clients, each on its own connection, send durable
+liquidations on loopback for SECONDS, each waiting for its reply. Prints calls per second,
+p50 and p99 latency, and the group-commit / per-call ratio from the same run.
 
-    python bench/bench_liquidations.py [--seconds 10] [--clients 16] [--backends sqlite,postgresql]
+Two load generators, as the clients share the server's two cores: `rust` (bench/loadgen, a
+tonic client built here with cargo, a few tens of microseconds of CPU per call) and `python`
+(grpc.aio in LOAD_PROCESSES processes, whose own CPU per call is about half the server's).
+
+    python bench/bench_liquidations.py [--seconds 10] [--clients 16] [--workers 1]
+        [--backends sqlite,postgresql] [--client rust,python]
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +28,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fresh_database, percentile, server_process
+from bench.common import ROOT, fresh_database, percentile, server_process
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
 
@@ -112,6 +119,48 @@ def load_process(
     out.put(asyncio.run(_load(target, first_worker, clients, seconds)))
 
 
+LOADGEN_DIR = ROOT / "bench" / "loadgen"
+LOADGEN = LOADGEN_DIR / "target" / "release" / "loadgen"
+
+
+def build_loadgen() -> None:
+    subprocess.run(
+        [
+            "cargo",
+            "build",
+            "--release",
+            "--quiet",
+            "--manifest-path",
+            str(LOADGEN_DIR / "Cargo.toml"),
+        ],
+        check=True,
+    )
+
+
+def run_loadgen(target: str, clients: int, seconds: float) -> tuple[float, float, float]:
+    out = subprocess.run(
+        [
+            str(LOADGEN),
+            "--target",
+            target,
+            "--clients",
+            str(clients),
+            "--seconds",
+            str(seconds),
+            "--warmup",
+            str(WARMUP_S),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    fields = dict(re.findall(r"(\w+)=(\d+)", out))
+    if int(fields["errors"]):
+        raise RuntimeError(f"the load saw {fields['errors']} failed calls")
+    rate = int(fields["calls"]) / seconds
+    return rate, int(fields["p50_us"]) / 1000, int(fields["p99_us"]) / 1000
+
+
 def run_load(target: str, clients: int, seconds: float) -> tuple[float, float, float]:
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
@@ -137,29 +186,38 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--backends", default="sqlite,postgresql")
-    parser.add_argument("--workers", type=int, default=2, help="server processes (both modes)")
+    parser.add_argument("--client", default="rust,python", help="load generators, in order")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (both modes)")
     args = parser.parse_args()
+    loads = {"rust": run_loadgen, "python": run_load}
+    clients = args.client.split(",")
+    if "rust" in clients:
+        build_loadgen()
     print(
         f"RecordLiquidation, {args.clients} clients on loopback, {args.seconds:.0f} s each,"
         f" durable commits, {args.workers} server process(es)"
     )
-    print(f"{'backend':<11} {'mode':<16} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'backend':<11} {'client':<7} {'mode':<13} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for backend in args.backends.split(","):
-        rates = {}
-        for mode, flag in (
-            ("group commit", "--group-commit"),
-            ("txn per call", "--no-group-commit"),
-        ):
-            with (
-                fresh_database(backend) as url,
-                server_process(url, flag, f"--workers={args.workers}") as (target, _),
+        for client in clients:
+            rates = {}
+            for mode, flag in (
+                ("group commit", "--group-commit"),
+                ("txn per call", "--no-group-commit"),
             ):
-                setup(target)
-                rate, p50, p99 = run_load(target, args.clients, args.seconds)
-            rates[mode] = rate
-            print(f"{backend:<11} {mode:<16} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f}", flush=True)
-        ratio = rates["group commit"] / rates["txn per call"]
-        print(f"{backend:<11} {'gain':<16} {ratio:>8.1f}x")
+                with (
+                    fresh_database(backend) as url,
+                    server_process(url, flag, f"--workers={args.workers}") as (target, _),
+                ):
+                    setup(target)
+                    rate, p50, p99 = loads[client](target, args.clients, args.seconds)
+                rates[mode] = rate
+                print(
+                    f"{backend:<11} {client:<7} {mode:<13} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f}",
+                    flush=True,
+                )
+            ratio = rates["group commit"] / rates["txn per call"]
+            print(f"{backend:<11} {client:<7} {'gain':<13} {ratio:>8.1f}x", flush=True)
 
 
 if __name__ == "__main__":

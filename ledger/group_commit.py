@@ -14,7 +14,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar, cast
@@ -205,3 +205,115 @@ class GroupCommitter(Generic[Request, Result]):
         for loop, jobs in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 loop.call_soon_threadsafe(_resolve, jobs)
+
+
+# Runs a batch on the connection as one transaction and commits it.
+AsyncBatchFn = Callable[[Any, Sequence[Request]], Awaitable[list[Result | Exception]]]
+
+
+class AsyncGroupCommitter(Generic[Request, Result]):
+    """Group commit as one writer task on the server's event loop, for an asyncio driver.
+
+    Calls queue their request and await its outcome; the task takes everything queued as one
+    batch, runs it in one transaction on its own connection and commits, while the loop goes
+    on serving: the database round trips of a batch are awaited, not blocked on, and no
+    second thread contends with the loop for the GIL. The same rules as GroupCommitter: a
+    request's own failure is its alone, a driver error reruns the batch, and a batch that
+    fails otherwise is split into single requests.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[Any]],
+        batch_fn: AsyncBatchFn[Request, Result],
+    ) -> None:
+        self._connect = connect
+        self._batch_fn = batch_fn
+        self._connection: Any = None
+        self._pending: list[tuple[Request, asyncio.Future[Result]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def submit(self, request: Request) -> Result:
+        """The request's result once its batch is durable, or its error."""
+        if self._closing:
+            raise RuntimeError("the server is stopping")
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="liquidation-writer")
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        self._wake.set()
+        return await future
+
+    async def close(self) -> None:
+        """Finish what is queued, then stop the writer and close its connection."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        await self._discard()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[:BATCH_REQUESTS_MAX]
+                del self._pending[:BATCH_REQUESTS_MAX]
+                await self._run_batch(batch)
+            if self._closing:
+                return
+
+    async def _run_batch(self, batch: list[tuple[Request, asyncio.Future[Result]]]) -> None:
+        for attempt in range(1, BATCH_ATTEMPTS_MAX + 1):
+            try:
+                outcomes = await self._transaction([request for request, _ in batch])
+            except DRIVER_ERRORS as error:
+                log.warning("batch of %d failed (attempt %d): %s", len(batch), attempt, error)
+                await self._discard()
+                continue
+            except Exception as error:
+                if len(batch) == 1:
+                    _settle(batch[0][1], error)
+                    return
+                log.exception("batch of %d failed; running its requests one by one", len(batch))
+                break
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                _settle(future, outcome)
+            return
+        if len(batch) == 1:
+            _settle(batch[0][1], RuntimeError("the database kept refusing this write; try again"))
+            return
+        for job in batch:
+            await self._run_batch([job])
+
+    async def _transaction(self, requests: list[Request]) -> list[Result | Exception]:
+        if self._connection is None:
+            self._connection = await self._connect()
+        connection = self._connection
+        try:
+            outcomes = await self._batch_fn(connection, requests)  # and commits
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.rollback()
+            raise
+        if len(outcomes) != len(requests):  # committed, but nobody is told a wrong outcome
+            raise AssertionError(f"{len(outcomes)} outcomes for {len(requests)} requests")
+        return outcomes
+
+    async def _discard(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    if future.done():  # its caller gave up (a cancel): the outcome stands in the ledger
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -11,14 +11,23 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
+import psycopg
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ledger import money
 from ledger.currency import ContractKind
 from ledger.db import models
-from ledger.db.batch import BatchStatements, Insert, Statement
+from ledger.db.batch import (
+    BatchStatements,
+    Insert,
+    Query,
+    Statement,
+    select_together_async,
+    write_and_commit_async,
+)
 from ledger.db.store import now_us
 from ledger.db.u64 import to_signed
 from ledger.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -244,29 +253,53 @@ _SET_ACCOUNT = (
 )
 
 
-def record_batch(
-    session: Session, requests: Sequence[LiquidationRequest]
-) -> list[LiquidationResult | Exception]:
+Outcomes = list[LiquidationResult | Exception]
+
+
+def record_batch(session: Session, requests: Sequence[LiquidationRequest]) -> Outcomes:
     """Record a batch of liquidations in the caller's transaction.
 
     Two round trips to the database whatever the batch size: one reads and locks what the
-    batch depends on (contracts, the accounts it moves, earlier uses of its ids, closed
-    cycles, the entry id counter), one writes (accounts, counter, entries, liquidations).
+    batch depends on (the accounts it moves and the entry id counter, then contracts, earlier
+    uses of its ids, closed cycles), one writes (accounts, counter, entries, liquidations).
     Every decision in between is made in memory against the locked rows. Each request gets
     its result or its own error (unknown symbol, a result beyond int64, an id reused with
     other content, a closed cycle); the others are written regardless.
     """
     db = BatchStatements(session)
-    lock = db.for_update
+    outcomes, writes = _decide(requests, db.select_together(*_reads(requests, db.for_update)))
+    db.write_together(writes)
+    return outcomes
+
+
+async def record_batch_async(
+    connection: psycopg.AsyncConnection[Any], requests: Sequence[LiquidationRequest]
+) -> Outcomes:
+    """record_batch on an asyncio PostgreSQL connection, as one transaction that it commits:
+    the writes and the COMMIT share a round trip."""
+    rows = await select_together_async(connection, *_reads(requests, " FOR UPDATE"))
+    outcomes, writes = _decide(requests, rows)
+    await write_and_commit_async(connection, writes)
+    return outcomes
+
+
+def _reads(requests: Sequence[LiquidationRequest], lock: str) -> list[list[Query]]:
     symbols = {r.symbol for r in requests}
-    account_rows, counter_rows, contract_rows, previous_rows, closed_rows = db.select_together(
+    return [
         [(_LOCK_ACCOUNTS + lock, symbols), (_LOCK_ENTRY_IDS + lock, None)],
         [
             (_SELECT_CONTRACTS, symbols),
             (_SELECT_PREVIOUS, {r.liquidation_id for r in requests}),
             (_SELECT_CLOSED, {r.cycle_id for r in requests}),
         ],
-    )
+    ]
+
+
+def _decide(
+    requests: Sequence[LiquidationRequest], rows: list[list[tuple[Any, ...]]]
+) -> tuple[Outcomes, list[Statement | Insert]]:
+    """Each request's outcome, and the writes that record the batch (none if nothing is new)."""
+    account_rows, counter_rows, contract_rows, previous_rows, closed_rows = rows
     contracts = {
         symbol: _Contract(currency, ContractKind(kind), Decimal(multiplier), scale)
         for symbol, currency, kind, multiplier, scale in contract_rows
@@ -392,18 +425,18 @@ def record_batch(
     for i, j in aliases.items():
         outcomes[i] = outcomes[j]
 
-    if liquidation_rows:
-        writes: list[Statement | Insert] = [
-            (_SET_ACCOUNT, (a.balance, a.credit_total, a.debit_total, currency, name))
-            for (currency, name), a in sorted(accounts.items())
-            if a.moved
-        ]
-        if entry_rows:
-            writes += [(_SET_ENTRY_IDS, (next_entry_id,)), Insert(_ENTRIES, entry_rows)]
-        db.write_together([*writes, Insert(_LIQUIDATIONS, liquidation_rows)])
     done = [o for o in outcomes if o is not None]
     assert len(done) == len(outcomes), "a request of the batch was left without an outcome"
-    return done
+    if not liquidation_rows:
+        return done, []
+    writes: list[Statement | Insert] = [
+        (_SET_ACCOUNT, (a.balance, a.credit_total, a.debit_total, currency, name))
+        for (currency, name), a in sorted(accounts.items())
+        if a.moved
+    ]
+    if entry_rows:
+        writes += [(_SET_ENTRY_IDS, (next_entry_id,)), Insert(_ENTRIES, entry_rows)]
+    return done, [*writes, Insert(_LIQUIDATIONS, liquidation_rows)]
 
 
 def _move(

@@ -3,8 +3,8 @@ the backend allows.
 
 On PostgreSQL every statement of a `round_trip()` is queued in one psycopg pipeline and the
 lot costs a single network round trip; keys go as one array (`= ANY(%s)`) and rows as one
-`unnest` of column arrays, so the SQL text does not vary with the batch size and the server
-reuses its prepared plan. On SQLite, in-process, the same statements simply run one after
+JSON array, so the SQL text does not vary with the batch size and the server reuses its
+prepared plan. On SQLite, in-process, the same statements simply run one after
 the other (IN lists, executemany).
 
 A group commit's single writer runs these for every batch while the calls wait for it:
@@ -13,6 +13,7 @@ SQLAlchemy's execution path costs tens of microseconds a statement, the driver's
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -90,80 +91,114 @@ class BatchStatements:
             cursors.extend(self.execute(sql.format(condition), [*params, *chunk])._cursors)
         return Pending(cursors)
 
-    def select_together(
-        self, *statements: Sequence[tuple[str, Iterable[Any] | None]]
-    ) -> list[list[tuple[Any, ...]]]:
-        """The rows of each query (sql, keys) of each statement, in order: `sql` with one `{}`
-        for the key condition (as in select_in), or keys None for none.
-
-        On PostgreSQL the queries of a statement become its columns, each aggregated to a
-        JSON array, and the statements go in one pipeline: one round trip for the lot (and
-        its BEGIN), and the driver parses one row per statement instead of running its
-        pipeline machinery per query. Each statement reads its own snapshot, so a statement
-        that takes row locks comes first and the reads that must see what the lock waited
-        for go in the next one.
-        """
+    def select_together(self, *statements: Sequence[Query]) -> list[list[tuple[Any, ...]]]:
+        """The rows of each query of each statement, in order (see pg_select)."""
         if self.is_sqlite:
             return [
                 (self.select_in(sql, keys) if keys is not None else self.execute(sql)).rows()
                 for queries in statements
                 for sql, keys in queries
             ]
-        pending = []
         with self.round_trip():
-            for queries in statements:
-                columns, params = [], []
-                for sql, keys in queries:
-                    if keys is not None:
-                        sql = sql.format("= ANY(?)")
-                        params.append(sorted(set(keys)))
-                    columns.append(f"(SELECT coalesce(json_agg(t), '[]') FROM ({sql}) t)")
-                pending.append(self.execute("SELECT " + ", ".join(columns), params))
-        return [
-            [tuple(item.values()) for item in column]
-            for statement in pending
-            for column in statement.rows()[0]
-        ]
+            pending = [self.execute(*pg_select(queries)) for queries in statements]
+        return [column for statement in pending for column in pg_columns(statement.rows()[0])]
 
     def write_together(self, statements: Sequence[Statement | Insert]) -> None:
-        """Run data-changing statements in their order; on PostgreSQL as one statement of
-        data-modifying WITH clauses, so one round trip and one plan for the lot."""
-        if self.is_sqlite:
-            for statement in statements:
-                if isinstance(statement, Insert):
-                    self._insert_sqlite(statement)
-                else:
-                    self.execute(*statement)
+        """Run data-changing statements in their order (see pg_write)."""
+        if not self.is_sqlite:
+            if statements:
+                self.execute(*pg_write(statements))
             return
-        parts = [self._insert_pg(s) if isinstance(s, Insert) else s for s in statements]
-        if not parts:
-            return
-        *clauses, (last, params) = parts
-        sql = ""
-        if clauses:
-            sql = "WITH " + ", ".join(f"w{n} AS ({c})" for n, (c, _) in enumerate(clauses)) + " "
-            params = [*(p for _, clause_params in clauses for p in clause_params), *params]
-        self.execute(sql + last, params)
-
-    def _insert_sqlite(self, insert: Insert) -> None:
-        if insert.rows:
-            table = insert.table
-            names = ", ".join(table.columns.keys())
-            marks = ", ".join(["?"] * len(table.columns))
-            self._dbapi.cursor().executemany(
-                f"INSERT INTO {table.name} ({names}) VALUES ({marks})", insert.rows
-            )
-
-    @staticmethod
-    def _insert_pg(insert: Insert) -> Statement:
-        table = insert.table
-        names = ", ".join(table.columns.keys())
-        arrays = ", ".join(f"?::{_pg_type(column.type)}[]" for column in table.columns)
-        columns = [list(column) for column in zip(*insert.rows, strict=True)]
-        return f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays})", columns
+        for statement in statements:
+            if not isinstance(statement, Insert):
+                self.execute(*statement)
+            elif statement.rows:
+                table = statement.table
+                names = ", ".join(table.columns.keys())
+                marks = ", ".join(["?"] * len(table.columns))
+                self._dbapi.cursor().executemany(
+                    f"INSERT INTO {table.name} ({names}) VALUES ({marks})", statement.rows
+                )
 
 
-Statement = tuple[str, Sequence[Any]]  # SQL with ? placeholders, and its parameters
+async def select_together_async(
+    connection: psycopg.AsyncConnection[Any], *statements: Sequence[Query]
+) -> list[list[tuple[Any, ...]]]:
+    """select_together on an asyncio psycopg connection: one pipeline, one round trip."""
+    cursors = []
+    async with connection.pipeline():
+        for queries in statements:
+            sql, params = pg_select(queries)
+            cursor = connection.cursor()
+            await cursor.execute(sql.replace("?", "%s"), params)
+            cursors.append(cursor)
+    rows = [await cursor.fetchone() for cursor in cursors]
+    return [column for row in rows if row is not None for column in pg_columns(row)]
+
+
+async def write_and_commit_async(
+    connection: psycopg.AsyncConnection[Any], statements: Sequence[Statement | Insert]
+) -> None:
+    """write_together and the COMMIT in one pipeline: one round trip to a durable batch."""
+    async with connection.pipeline():
+        if statements:
+            sql, params = pg_write(statements)
+            await connection.execute(sql.replace("?", "%s"), params)
+        await connection.commit()
+
+
+# A query of select_together: SQL with one `{}` for the key condition (`IN (…)` on SQLite,
+# `= ANY(?)` on PostgreSQL) and its keys, or keys None for a query without one.
+Query = tuple[str, Iterable[Any] | None]
+
+
+def pg_select(queries: Sequence[Query]) -> tuple[str, list[Any]]:
+    """One PostgreSQL statement whose columns are the queries, each aggregated to a JSON array.
+
+    A batch's reads go as one or two such statements in one pipeline: one round trip (with
+    its BEGIN), and the driver parses one row per statement instead of running its pipeline
+    machinery per query. Each statement reads its own snapshot, so the statement that takes
+    row locks comes first, and the reads that must see what the locks waited for come next.
+    """
+    columns, params = [], []
+    for sql, keys in queries:
+        if keys is not None:
+            sql = sql.format("= ANY(?)")
+            params.append(sorted(set(keys)))
+        columns.append(f"(SELECT coalesce(json_agg(t), '[]') FROM ({sql}) t)")
+    return "SELECT " + ", ".join(columns), params
+
+
+def pg_columns(row: Sequence[Any]) -> list[list[tuple[Any, ...]]]:
+    return [[tuple(item.values()) for item in column] for column in row]
+
+
+def pg_write(statements: Sequence[Statement | Insert]) -> Statement:
+    """Data-changing statements as one PostgreSQL statement of data-modifying WITH clauses (so
+    one round trip and one plan); the rows of an insert as one parameter, so that the SQL
+    does not vary with the number of rows and the server reuses its prepared plan."""
+    parts = [_pg_insert(s) if isinstance(s, Insert) else s for s in statements]
+    *clauses, (last, params) = parts
+    if not clauses:
+        return last, params
+    sql = "WITH " + ", ".join(f"w{n} AS ({c})" for n, (c, _) in enumerate(clauses)) + " "
+    return sql + last, [*(p for _, clause_params in clauses for p in clause_params), *params]
+
+
+def _pg_insert(insert: Insert) -> Statement:
+    """The rows go as one JSON array of arrays, unpacked by the server, so the driver adapts a
+    single string (json.dumps, in C) rather than a typed array per column; numbers keep their
+    exact digits (json's ->> returns a number's text)."""
+    table = insert.table
+    names = ", ".join(table.columns.keys())
+    values = ", ".join(
+        f"(r->>{n})::{_pg_type(column.type)}" for n, column in enumerate(table.columns)
+    )
+    sql = f"INSERT INTO {table.name} ({names}) SELECT {values} FROM json_array_elements(?::json) r"
+    return sql, [json.dumps(insert.rows)]
+
+
+Statement = tuple[str, Sequence[Any]]  # SQL with `?` placeholders, and its parameters
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,15 +18,17 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import make_url
 
 from ledger import liquidation
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.db.migrate import upgrade
 from ledger.db.session import Database
-from ledger.group_commit import GroupCommitter
+from ledger.group_commit import AsyncGroupCommitter, GroupCommitter
 from ledger.limits import (
     CYCLE_POSITIONS_MAX_DEFAULT,
     MESSAGE_BYTES_MAX,
@@ -83,11 +85,18 @@ class LedgerServer:
             target=self._loop.run_forever, name="ledger-grpc", daemon=True
         )
         self._loop_thread.start()
+        # Group commit on PostgreSQL: a writer task on the loop with an asyncio connection. On
+        # SQLite (no asyncio driver) and for one transaction per call: a writer thread, or
+        # the call's own transaction on the pool.
         self._liquidations: GroupCommitter[LiquidationRequest, LiquidationResult] = GroupCommitter(
             self.database,
             liquidation.record_batch,
-            enabled=settings.group_commit,
+            enabled=settings.group_commit and self.database.is_sqlite,
             name="liquidation-writer",
+        )
+        self._async_liquidations: AsyncGroupCommitter[LiquidationRequest, LiquidationResult]
+        self._async_liquidations = AsyncGroupCommitter(
+            self._connect_async, liquidation.record_batch_async
         )
         try:
             self._health, self._server, self.port = self._on_loop(self._build(reuse_port))
@@ -107,7 +116,7 @@ class LedgerServer:
             ],
         )
         admin = AdminService(self.database)
-        clearing = ClearingService(self._liquidations, self._pool)
+        clearing = ClearingService(self._record_liquidation)
         cycles = CycleService(self.database, settings.cycle_positions_max)
         query = QueryService(self.database)
         server.add_generic_rpc_handlers(
@@ -132,6 +141,15 @@ class LedgerServer:
             raise OSError(f"cannot listen on {settings.listen}")
         return health_servicer, server, port
 
+    async def _record_liquidation(self, request: LiquidationRequest) -> LiquidationResult:
+        if self.settings.group_commit and not self.database.is_sqlite:
+            return await self._async_liquidations.submit(request)
+        return await self._liquidations.submit_async(request, self._pool)
+
+    async def _connect_async(self) -> psycopg.AsyncConnection[Any]:
+        url = make_url(self.database.url).set(drivername="postgresql")
+        return await psycopg.AsyncConnection.connect(url.render_as_string(hide_password=False))
+
     def _on_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
@@ -151,6 +169,7 @@ class LedgerServer:
     async def _stop(self, grace_seconds: float) -> None:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_seconds)
+        await self._async_liquidations.close()
 
     def _close(self) -> None:
         self._pool.shutdown(wait=True)  # blocking handlers still running finish first

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ledger import liquidation
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
-from ledger.group_commit import GroupCommitter
 from ledger.liquidation import LiquidationRequest, LiquidationResult
 
 if TYPE_CHECKING:
     from grpc.aio import ServicerContext
 
 
+RecordFn = Callable[[LiquidationRequest], Awaitable[LiquidationResult]]
+
+
 class ClearingService(pb_grpc.ClearingServicer):
-    def __init__(
-        self,
-        liquidations: GroupCommitter[LiquidationRequest, LiquidationResult],
-        pool: Executor,
-    ) -> None:
-        self._liquidations = liquidations
-        self._pool = pool
+    def __init__(self, record: RecordFn) -> None:
+        """`record`: the liquidation's result once it is durable (a group commit's submit)."""
+        self._record = record
 
     async def RecordLiquidation(
         self, request: pb.RecordLiquidationRequest, context: ServicerContext[Any, Any]
@@ -40,7 +38,7 @@ class ClearingService(pb_grpc.ClearingServicer):
             request.close_price,
             request.remaining_margin,
         )
-        result = await self._liquidations.submit_async(validated, self._pool)
+        result = await self._record(validated)
         return pb.LiquidationResult(
             liquidation_id=result.liquidation_id,
             currency=result.currency,

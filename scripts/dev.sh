@@ -45,6 +45,9 @@ case "${1:-}" in
     cargo fmt --check
     cargo clippy --locked -p rust_alloc --all-targets -- -D warnings
     cargo test --locked -p rust_alloc --release
+    # The benchmark's load generator is a crate of its own (not in the workspace).
+    cargo fmt --check --manifest-path bench/loadgen/Cargo.toml
+    cargo clippy --locked --release --manifest-path bench/loadgen/Cargo.toml -- -D warnings
     "$VENV/bin/python" -m pytest "$@"
     ;;
   *)

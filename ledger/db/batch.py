@@ -1,11 +1,12 @@
 """The statements of a write batch, sent straight through the driver in as few round trips as
 the backend allows.
 
-On PostgreSQL every statement of a `round_trip()` is queued in one psycopg pipeline and the
-lot costs a single network round trip; keys go as one array (`= ANY(%s)`) and rows as one
+On PostgreSQL a batch's reads are one or two statements in one pipeline, and its writes one
+statement of data-modifying WITH clauses; keys go as one array (`= ANY(%s)`) and rows as one
 JSON array, so the SQL text does not vary with the batch size and the server reuses its
-prepared plan. On SQLite, in-process, the same statements simply run one after
-the other (IN lists, executemany).
+prepared plan. The same runs on a blocking connection (BatchStatements, in a SQLAlchemy
+session) or on an asyncio one (the *_async functions). On SQLite, in-process, the same
+statements simply run one after the other (IN lists, executemany).
 
 A group commit's single writer runs these for every batch while the calls wait for it:
 SQLAlchemy's execution path costs tens of microseconds a statement, the driver's a few.
@@ -54,7 +55,6 @@ class BatchStatements:
         connection = session.connection()
         self.is_sqlite = connection.dialect.name == "sqlite"
         self._dbapi: Any = connection.connection.dbapi_connection
-        self._mark = "?" if self.is_sqlite else "%s"  # sqlite3: qmark; psycopg: format
 
     @property
     def for_update(self) -> str:
@@ -71,7 +71,7 @@ class BatchStatements:
             yield
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Pending:
-        """`sql` with `?` placeholders, whatever the backend."""
+        """`sql` with `?` placeholders, whatever the backend (so no literal `?` or `%`)."""
         if not self.is_sqlite:
             sql = sql.replace("?", "%s")
         cursor = self._dbapi.cursor()
@@ -159,6 +159,8 @@ def pg_select(queries: Sequence[Query]) -> tuple[str, list[Any]]:
     its BEGIN), and the driver parses one row per statement instead of running its pipeline
     machinery per query. Each statement reads its own snapshot, so the statement that takes
     row locks comes first, and the reads that must see what the locks waited for come next.
+    A query's rows come back as JSON objects, read in column order: its column names must
+    be distinct.
     """
     columns, params = [], []
     for sql, keys in queries:

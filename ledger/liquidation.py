@@ -28,6 +28,7 @@ from ledger.db.batch import (
     select_together_async,
     write_and_commit_async,
 )
+from ledger.db.session import SqliteLoopWriter
 from ledger.db.store import now_us
 from ledger.db.u64 import to_signed
 from ledger.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -266,7 +267,7 @@ def record_batch(session: Session, requests: Sequence[LiquidationRequest]) -> Ou
     its result or its own error (unknown symbol, a result beyond int64, an id reused with
     other content, a closed cycle); the others are written regardless.
     """
-    db = BatchStatements(session)
+    db = BatchStatements.of_session(session)
     outcomes, writes = _decide(requests, db.select_together(*_reads(requests, db.for_update)))
     db.write_together(writes)
     return outcomes
@@ -280,6 +281,19 @@ async def record_batch_async(
     rows = await select_together_async(connection, *_reads(requests, " FOR UPDATE"))
     outcomes, writes = _decide(requests, rows)
     await write_and_commit_async(connection, writes)
+    return outcomes
+
+
+async def record_batch_sqlite_async(
+    writer: SqliteLoopWriter, requests: Sequence[LiquidationRequest]
+) -> Outcomes:
+    """record_batch as one SQLite transaction that it commits: the statements on the caller's
+    event loop, the wait for the write lock and the durable COMMIT on the writer's pool."""
+    await writer.begin()
+    db = BatchStatements(writer.dbapi_connection, is_sqlite=True)
+    outcomes, writes = _decide(requests, db.select_together(*_reads(requests, db.for_update)))
+    db.write_together(writes)
+    await writer.commit()
     return outcomes
 
 

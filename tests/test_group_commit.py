@@ -5,14 +5,14 @@ can fail on purpose, so the rules that keep one request's failure its own are ex
 a request whose own outcome is an error fails alone; an exception that fails the whole batch
 rolls it back and the batch is rerun request by request, so only the request at fault fails;
 a driver error (a real one, from the database) reruns the batch; and what the batch wrote
-lands exactly once. The writer thread (SQLite's) and the writer task (PostgreSQL's) both.
+lands exactly once. On SQLite (its loop writer) and on PostgreSQL (an asyncio connection).
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,9 @@ import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session
 
-from ledger.db.session import Database
-from ledger.group_commit import AsyncGroupCommitter, GroupCommitter
+from ledger.db.session import Database, SqliteLoopWriter
+from ledger.group_commit import GroupCommitter
 from tests.conftest import fresh_database
 
 POISON = "poison"  # fails the whole batch it is in (an unexpected exception)
@@ -46,50 +45,56 @@ def _expected(values: Sequence[str]) -> list[str]:
 VALUES = [f"v{k}" for k in range(20)] + [POISON, f"{REFUSED}-1", FLAKY, f"{REFUSED}-2"]
 
 
-# --- the writer thread, on SQLite ------------------------------------------------------------
+# --- on SQLite: statements on the loop, the lock and the commit on the writer's pool ---------
 
 
-def test_thread_committer_keeps_failures_to_their_requests(tmp_path: Path) -> None:
+def test_sqlite_committer_keeps_failures_to_their_requests(tmp_path: Path) -> None:
     database = Database(f"sqlite:///{tmp_path / 'g.db'}")
     with database.write() as session:
         session.execute(text("CREATE TABLE written (value TEXT NOT NULL)"))
-    flaky_failed = threading.Event()
-    started = threading.Barrier(len(VALUES))
-
-    def batch(session: Session, requests: Sequence[str]) -> list[str | Exception]:
-        for value in requests:
-            session.execute(text("INSERT INTO written (value) VALUES (:v)"), {"v": value})
-        if POISON in requests:
-            raise RuntimeError("a bug that fails the whole batch")
-        if FLAKY in requests and not flaky_failed.is_set():
-            flaky_failed.set()
-            session.execute(text("INSERT INTO no_such_table VALUES (1)"))  # a real driver error
-        return [_outcome(v) for v in requests]
-
-    committer: GroupCommitter[str, str] = GroupCommitter(database, batch)
-    results: dict[str, str | BaseException] = {}
-
-    def call(value: str) -> None:
-        started.wait()
-        try:
-            results[value] = committer.submit(value)
-        except Exception as error:
-            results[value] = error
-
-    threads = [threading.Thread(target=call, args=(v,)) for v in VALUES]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    committer.close()
+    pool = ThreadPoolExecutor(1)
+    try:
+        results, flaky_failed = asyncio.run(_run_sqlite_committer(database, pool))
+    finally:
+        pool.shutdown()
     with database.read() as session:
         written = sorted(session.scalars(text("SELECT value FROM written")))
     database.dispose()
+    _check(results, written, flaky_failed)
 
-    _check(results, written, flaky_failed.is_set())
+
+async def _run_sqlite_committer(
+    database: Database, pool: ThreadPoolExecutor
+) -> tuple[dict[str, Any], bool]:
+    flaky_failed = False
+    writers = 0
+
+    async def connect() -> SqliteLoopWriter:
+        nonlocal writers
+        writers += 1
+        return SqliteLoopWriter(database, pool)
+
+    async def batch(writer: SqliteLoopWriter, requests: Sequence[str]) -> list[str | Exception]:
+        nonlocal flaky_failed
+        await writer.begin()
+        for value in requests:
+            writer.dbapi_connection.execute("INSERT INTO written (value) VALUES (?)", (value,))
+        if POISON in requests:
+            raise RuntimeError("a bug that fails the whole batch")
+        if FLAKY in requests and not flaky_failed:
+            flaky_failed = True
+            writer.dbapi_connection.execute("INSERT INTO no_such_table VALUES (1)")
+        await writer.commit()
+        return [_outcome(v) for v in requests]
+
+    committer: GroupCommitter[str, str] = GroupCommitter(connect, batch)
+    outcomes = await asyncio.gather(*(committer.submit(v) for v in VALUES), return_exceptions=True)
+    await committer.close()
+    assert writers >= 2, "a driver error must discard the connection"
+    return dict(zip(VALUES, outcomes, strict=True)), flaky_failed
 
 
-# --- the writer task, on PostgreSQL ----------------------------------------------------------
+# --- on PostgreSQL: an asyncio connection --------------------------------------------------
 
 
 def test_task_committer_keeps_failures_to_their_requests(tmp_path: Path) -> None:
@@ -126,7 +131,7 @@ async def _run_task_committer(conninfo: str) -> tuple[dict[str, Any], bool]:
         await connection.commit()
         return [_outcome(v) for v in requests]
 
-    committer: AsyncGroupCommitter[str, str] = AsyncGroupCommitter(connect, batch)
+    committer: GroupCommitter[str, str] = GroupCommitter(connect, batch)
     outcomes = await asyncio.gather(*(committer.submit(v) for v in VALUES), return_exceptions=True)
     await committer.close()
     assert connections >= 2, "a driver error must discard the connection"
@@ -141,7 +146,7 @@ def test_task_committer_refuses_calls_once_closed() -> None:
         async def batch(_connection: Any, _requests: Sequence[str]) -> list[str | Exception]:
             raise AssertionError("no batch should run")
 
-        committer: AsyncGroupCommitter[str, str] = AsyncGroupCommitter(never_connect, batch)
+        committer: GroupCommitter[str, str] = GroupCommitter(never_connect, batch)
         await committer.close()
         with pytest.raises(RuntimeError, match="stopping"):
             await committer.submit("late")

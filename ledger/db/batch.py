@@ -49,12 +49,18 @@ class Pending:
 
 
 class BatchStatements:
-    """Runs SQL on the DBAPI connection of the session (so inside its transaction)."""
+    """Runs SQL on a DBAPI connection, inside the transaction open on it."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, dbapi_connection: Any, *, is_sqlite: bool) -> None:
+        self.is_sqlite = is_sqlite
+        self._dbapi = dbapi_connection
+
+    @classmethod
+    def of_session(cls, session: Session) -> BatchStatements:
+        """On the connection of the session (so in its transaction)."""
         connection = session.connection()
-        self.is_sqlite = connection.dialect.name == "sqlite"
-        self._dbapi: Any = connection.connection.dbapi_connection
+        dbapi = connection.connection.dbapi_connection
+        return cls(dbapi, is_sqlite=connection.dialect.name == "sqlite")
 
     @property
     def for_update(self) -> str:

@@ -27,8 +27,8 @@ from sqlalchemy.engine import make_url
 from ledger import liquidation
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.db.migrate import upgrade
-from ledger.db.session import Database
-from ledger.group_commit import AsyncGroupCommitter, GroupCommitter
+from ledger.db.session import Database, SqliteLoopWriter
+from ledger.group_commit import GroupCommitter, run_alone
 from ledger.limits import (
     CYCLE_POSITIONS_MAX_DEFAULT,
     MESSAGE_BYTES_MAX,
@@ -80,24 +80,21 @@ class LedgerServer:
         self._pool = futures.ThreadPoolExecutor(
             max_workers=settings.threads, thread_name_prefix="ledger-rpc"
         )
+        self._writer_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="ledger-grpc", daemon=True
         )
         self._loop_thread.start()
-        # Group commit on PostgreSQL: a writer task on the loop with an asyncio connection. On
-        # SQLite (no asyncio driver) and for one transaction per call: a writer thread, or
-        # the call's own transaction on the pool.
-        self._liquidations: GroupCommitter[LiquidationRequest, LiquidationResult] = GroupCommitter(
-            self.database,
-            liquidation.record_batch,
-            enabled=settings.group_commit and self.database.is_sqlite,
-            name="liquidation-writer",
-        )
-        self._async_liquidations: AsyncGroupCommitter[LiquidationRequest, LiquidationResult]
-        self._async_liquidations = AsyncGroupCommitter(
-            self._connect_async, liquidation.record_batch_async
-        )
+        # Group commit: a writer task on the loop, with an asyncio connection on PostgreSQL and
+        # on SQLite a connection whose statements run on the loop (see SqliteLoopWriter).
+        self._liquidations: GroupCommitter[LiquidationRequest, LiquidationResult] | None = None
+        if settings.group_commit and self.database.is_sqlite:
+            self._liquidations = GroupCommitter(
+                self._open_sqlite_writer, liquidation.record_batch_sqlite_async
+            )
+        elif settings.group_commit:
+            self._liquidations = GroupCommitter(self._connect_async, liquidation.record_batch_async)
         try:
             self._health, self._server, self.port = self._on_loop(self._build(reuse_port))
         except BaseException:
@@ -142,9 +139,16 @@ class LedgerServer:
         return health_servicer, server, port
 
     async def _record_liquidation(self, request: LiquidationRequest) -> LiquidationResult:
-        if self.settings.group_commit and not self.database.is_sqlite:
-            return await self._async_liquidations.submit(request)
-        return await self._liquidations.submit_async(request, self._pool)
+        if self._liquidations is not None:
+            return await self._liquidations.submit(request)
+        # One transaction per call (the benchmark's comparison), on a thread of the pool.
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, run_alone, self.database, liquidation.record_batch, request
+        )
+
+    async def _open_sqlite_writer(self) -> SqliteLoopWriter:
+        # A pool of its own: the batch's waits must not queue behind blocking handlers.
+        return SqliteLoopWriter(self.database, self._writer_pool)
 
     async def _connect_async(self) -> psycopg.AsyncConnection[Any]:
         url = make_url(self.database.url).set(drivername="postgresql")
@@ -169,11 +173,12 @@ class LedgerServer:
     async def _stop(self, grace_seconds: float) -> None:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_seconds)
-        await self._async_liquidations.close()
+        if self._liquidations is not None:
+            await self._liquidations.close()
 
     def _close(self) -> None:
         self._pool.shutdown(wait=True)  # blocking handlers still running finish first
-        self._liquidations.close()
+        self._writer_pool.shutdown(wait=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join()
         self._loop.close()

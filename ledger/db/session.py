@@ -17,9 +17,8 @@ from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -77,11 +76,6 @@ class Database:
         with self._write_gate:
             yield
 
-    def dedicated_writer(self) -> DedicatedWriter:
-        """A writer that keeps one connection of its own (for one thread, e.g. a group
-        commit's writer): no pool checkout, no pre-ping, no new Session per transaction."""
-        return DedicatedWriter(self)
-
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only transaction (a consistent snapshot on PostgreSQL)."""
@@ -92,91 +86,6 @@ class Database:
         self.engine.dispose()
         if self._write_gate is not None:
             self._write_gate.close()
-
-
-class DedicatedWriter:
-    """Write transactions of one thread on one connection kept open between them.
-
-    The same rules as Database.write (the SQLite write gate around BEGIN IMMEDIATE …
-    COMMIT; commit on success, roll back on any exception), with the connection and its
-    Session made once. A database error invalidates the connection; the next transaction
-    opens a fresh one. Not thread-safe: one thread uses it.
-    """
-
-    def __init__(self, database: Database) -> None:
-        self._db = database
-        self._connection: Connection | None = None
-        self._session: Session | None = None
-
-    def _open(self) -> tuple[Connection, Session]:
-        if self._connection is None or self._session is None:
-            connection = self._db.engine.connect()
-            if self._db.is_sqlite:
-                connection = connection.execution_options(sqlite_begin="IMMEDIATE")
-            self._connection = connection
-            # The session joins the transaction begun on the connection and never ends it.
-            self._session = Session(
-                bind=connection,
-                expire_on_commit=False,
-                join_transaction_mode="rollback_only",
-            )
-        return self._connection, self._session
-
-    @contextmanager
-    def write(self) -> Iterator[Session]:
-        """One write transaction: commits on success, rolls back on any exception."""
-        gate = self._db._write_gate
-        if gate is not None:
-            gate.__enter__()
-        try:
-            connection, session = self._open()
-            try:
-                transaction = connection.begin()
-            except DBAPIError:
-                self._discard()
-                raise
-            try:
-                yield session
-                session.flush()
-            except BaseException as error:
-                self._end(session)
-                try:
-                    transaction.rollback()
-                except DBAPIError:
-                    self._discard()
-                if isinstance(error, DBAPIError):
-                    self._discard()
-                raise
-            self._end(session)
-            try:
-                transaction.commit()
-            except BaseException:
-                self._discard()
-                raise
-        finally:
-            if gate is not None:
-                gate.__exit__()
-
-    @staticmethod
-    def _end(session: Session) -> None:
-        session.expunge_all()
-        session.close()
-
-    def _discard(self) -> None:
-        connection, self._connection, self._session = self._connection, None, None
-        if connection is not None:
-            try:
-                connection.invalidate()
-                connection.close()
-            except Exception:  # the connection is gone either way
-                pass
-
-    def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-        if self._connection is not None:
-            self._connection.close()
-        self._connection, self._session = None, None
 
 
 class SqliteLoopWriter:

@@ -38,6 +38,10 @@ _Loop = asyncio.AbstractEventLoop
 _END = object()  # the end of a request stream, passed from the loop to a handler's thread
 
 
+class CallCancelled(Exception):
+    """The client went away while a handler's thread was still working for it."""
+
+
 class Aborted(Exception):
     """A handler on a thread ended its call with this status (ThreadContext.abort)."""
 
@@ -54,8 +58,9 @@ class ThreadContext:
     abort is carried back to the loop as an exception.
     """
 
-    def __init__(self, context: _Context) -> None:
+    def __init__(self, context: _Context, loop: _Loop) -> None:
         self._context = context
+        self._loop = loop
         self._cancelled = False
         self._code: grpc.StatusCode | None = None
         self._details = ""
@@ -63,6 +68,13 @@ class ThreadContext:
     def is_active(self) -> bool:
         """False once the client cancelled or the deadline passed."""
         return not (self._cancelled or self._context.cancelled() or self._context.done())
+
+    def write(self, response: Any) -> None:
+        """Send one response of a streaming call, and wait until the loop has sent it (so a
+        slow client slows the handler, not memory)."""
+        if not self.is_active():
+            raise CallCancelled("the client cancelled the call")
+        asyncio.run_coroutine_threadsafe(self._context.write(response), self._loop).result()
 
     def mark_cancelled(self) -> None:
         """grpc cancelled the handler's task on the loop: the client is gone."""
@@ -142,7 +154,7 @@ class CallInterceptor(_ServerInterceptor):
         async def call(request: Any, context: _Context) -> Any:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            thread_context = ThreadContext(context)
+            thread_context = ThreadContext(context, loop)
             if streamed_requests:
                 request = _BlockingRequests(request, loop, thread_context)
             try:
@@ -159,33 +171,13 @@ class CallInterceptor(_ServerInterceptor):
 
     def _streaming(self, method: str, behavior: Callable[..., Iterator[Any]]) -> AsyncBehavior:
         """A blocking generator runs on one thread from start to end (its database session
-        stays on that thread) and hands each response to the loop, which sends it; the
-        thread waits for each write, so a slow client slows the generator, not memory."""
-        pool = self._pool
+        stays on that thread) and hands each response to the loop, which sends it."""
 
-        def produce(
-            request: Any, context: _Context, thread_context: ThreadContext, loop: _Loop
-        ) -> None:
-            for response in behavior(request, thread_context):
-                if not thread_context.is_active():
-                    raise CallCancelled("the client cancelled the call")
-                asyncio.run_coroutine_threadsafe(context.write(response), loop).result()
+        def produce(request: Any, context: ThreadContext) -> None:
+            for response in behavior(request, context):
+                context.write(response)
 
-        async def call(request: Any, context: _Context) -> None:
-            started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            thread_context = ThreadContext(context)
-            try:
-                await loop.run_in_executor(pool, produce, request, context, thread_context, loop)
-            except asyncio.CancelledError:
-                thread_context.mark_cancelled()
-                raise
-            except Exception as error:
-                await _abort(context, method, error)
-            finally:
-                _log(method, context, started)
-
-        return call
+        return self._unary(method, produce)
 
 
 def _in_loop(method: str, behavior: AsyncBehavior) -> AsyncBehavior:
@@ -199,10 +191,6 @@ def _in_loop(method: str, behavior: AsyncBehavior) -> AsyncBehavior:
             _log(method, context, started)
 
     return call
-
-
-class CallCancelled(Exception):
-    """The client went away while a handler's thread was still working for it."""
 
 
 class _BlockingRequests:

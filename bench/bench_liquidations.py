@@ -8,6 +8,8 @@ p50 and p99 latency, and the group-commit / per-call ratio from the same run.
 Two load generators, as the clients share the server's two cores: `rust` (bench/loadgen, a
 tonic client built here with cargo, a few tens of microseconds of CPU per call) and `python`
 (grpc.aio in LOAD_PROCESSES processes, whose own CPU per call is about half the server's).
+Each client first loads an empty server (no database; see serve_empty): the ceiling of the
+host in that run, since its speed drifts.
 
     python bench/bench_liquidations.py [--seconds 10] [--clients 16] [--workers 1]
         [--backends sqlite,postgresql] [--client rust,python]
@@ -22,13 +24,16 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, fresh_database, percentile, server_process
+from bench.common import ROOT, free_port, fresh_database, percentile, server_process
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
 
@@ -123,6 +128,54 @@ LOADGEN_DIR = ROOT / "bench" / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "loadgen"
 
 
+def serve_empty(port: int, ready: Any) -> None:
+    """A grpc.aio server whose RecordLiquidation answers at once, touching no database: the
+    most any server in Python on this machine could do with these clients, measured in the
+    same run (this host's speed drifts by a quarter within an hour)."""
+
+    async def record(
+        request: pb.RecordLiquidationRequest, _context: object
+    ) -> pb.LiquidationResult:
+        return pb.LiquidationResult(liquidation_id=request.liquidation_id, currency="USDT")
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(
+            record,
+            request_deserializer=pb.RecordLiquidationRequest.FromString,
+            response_serializer=pb.LiquidationResult.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "insurance.v1.Clearing", {"RecordLiquidation": handler}
+                ),
+            )
+        )
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+@contextmanager
+def empty_server() -> Iterator[str]:
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    port = free_port()
+    process = ctx.Process(target=serve_empty, args=(port, ready), daemon=True)
+    process.start()
+    try:
+        if not ready.wait(60):
+            raise TimeoutError("the empty server did not start")
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.join(30)
+
+
 def build_loadgen() -> None:
     subprocess.run(
         [
@@ -198,6 +251,13 @@ def main() -> None:
         f" durable commits, {args.workers} server process(es)"
     )
     print(f"{'backend':<11} {'client':<7} {'mode':<13} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for client in clients:
+        with empty_server() as target:
+            rate, p50, p99 = loads[client](target, args.clients, args.seconds)
+        print(
+            f"{'(none)':<11} {client:<7} {'empty server':<13} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f}",
+            flush=True,
+        )
     for backend in args.backends.split(","):
         for client in clients:
             rates = {}

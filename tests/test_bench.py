@@ -40,3 +40,6 @@ def test_liquidation_benchmark_runs() -> None:
     ], out
     assert all(int(rate) > 0 for _, _, rate in rows), out
     assert len(re.findall(r"^sqlite\s+(rust|python)\s+gain\s+\d+\.\dx$", out, re.M)) == 2, out
+    empty = re.findall(r"^\(none\)\s+(rust|python)\s+empty server\s+(\d+)\s", out, re.M)
+    assert sorted(client for client, _ in empty) == ["python", "rust"], out
+    assert all(int(rate) > 0 for _, rate in empty), out

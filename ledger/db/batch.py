@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,20 +31,6 @@ from sqlalchemy.orm import Session
 DRIVER_ERRORS: tuple[type[Exception], ...] = (DBAPIError, sqlite3.Error, psycopg.Error)
 
 IN_LIST_MAX = 500  # keys per SQLite IN (...) list, well under its parameter limit
-
-
-class Pending:
-    """The rows of statements already sent; read them after their round trip."""
-
-    def __init__(self, cursors: list[Any]) -> None:
-        self._cursors = cursors
-
-    def rows(self) -> list[tuple[Any, ...]]:
-        found: list[tuple[Any, ...]] = []
-        for cursor in self._cursors:
-            if cursor.description is not None:
-                found.extend(cursor.fetchall())
-        return found
 
 
 class BatchStatements:
@@ -67,47 +52,34 @@ class BatchStatements:
         """Row locks on PostgreSQL; SQLite's BEGIN IMMEDIATE already excludes other writers."""
         return "" if self.is_sqlite else " FOR UPDATE"
 
-    @contextmanager
-    def round_trip(self) -> Iterator[None]:
-        """Statements executed inside are sent together; their rows can be read after."""
-        if self.is_sqlite:
-            yield
-            return
-        with self._dbapi.pipeline():
-            yield
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Pending:
-        """`sql` with `?` placeholders, whatever the backend (so no literal `?` or `%`)."""
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """`sql` with `?` placeholders, whatever the backend (so no literal `?` or `%`);
+        returns the cursor."""
         if not self.is_sqlite:
             sql = sql.replace("?", "%s")
         cursor = self._dbapi.cursor()
         cursor.execute(sql, params)
-        return Pending([cursor])
-
-    def select_in(self, sql: str, keys: Iterable[Any], params: Sequence[Any] = ()) -> Pending:
-        """`sql` with one `{}` where the key condition goes, as in `WHERE id {}`, after
-        `params` for its other placeholders."""
-        keys = sorted(set(keys))
-        if not self.is_sqlite:
-            return self.execute(sql.format("= ANY(?)"), [*params, keys])
-        cursors = []
-        for start in range(0, len(keys), IN_LIST_MAX):
-            chunk = keys[start : start + IN_LIST_MAX]
-            condition = "IN (" + ", ".join(["?"] * len(chunk)) + ")"
-            cursors.extend(self.execute(sql.format(condition), [*params, *chunk])._cursors)
-        return Pending(cursors)
+        return cursor
 
     def select_together(self, *statements: Sequence[Query]) -> list[list[tuple[Any, ...]]]:
-        """The rows of each query of each statement, in order (see pg_select)."""
+        """The rows of each query of each statement, in order: on PostgreSQL the statements of
+        pg_select in one pipeline, on SQLite each query on its own (chunked IN lists)."""
         if self.is_sqlite:
-            return [
-                (self.select_in(sql, keys) if keys is not None else self.execute(sql)).rows()
-                for queries in statements
-                for sql, keys in queries
-            ]
-        with self.round_trip():
-            pending = [self.execute(*pg_select(queries)) for queries in statements]
-        return [column for statement in pending for column in pg_columns(statement.rows()[0])]
+            return [self._sqlite_rows(sql, keys) for queries in statements for sql, keys in queries]
+        with self._dbapi.pipeline():
+            cursors = [self.execute(*pg_select(queries)) for queries in statements]
+        return [column for cursor in cursors for column in pg_columns(cursor.fetchone())]
+
+    def _sqlite_rows(self, sql: str, keys: Iterable[Any] | None) -> list[tuple[Any, ...]]:
+        if keys is None:
+            return list(self.execute(sql).fetchall())
+        ordered = sorted(set(keys))
+        rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(ordered), IN_LIST_MAX):
+            chunk = ordered[start : start + IN_LIST_MAX]
+            condition = "IN (" + ", ".join(["?"] * len(chunk)) + ")"
+            rows.extend(self.execute(sql.format(condition), chunk).fetchall())
+        return rows
 
     def write_together(self, statements: Sequence[Statement | Insert]) -> None:
         """Run data-changing statements in their order (see pg_write)."""

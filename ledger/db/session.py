@@ -15,13 +15,11 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql import ClauseElement
-from sqlalchemy.sql.compiler import SQLCompiler
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 DEFAULT_SQLITE_FILE = "ledger.db"
@@ -203,37 +201,3 @@ def _sqlite_engine(url: str) -> Engine:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
-
-
-def run_prepared(session: Session, statement: ClauseElement, params: dict[str, Any]) -> list[Any]:
-    """Run a prebuilt Core statement on the DBAPI cursor of the session's connection (so in its
-    transaction) and return its rows.
-
-    For the statements of the write hot path (a group commit's writer runs several a batch
-    while every RPC thread waits on it, under one GIL): the SQL is compiled once per dialect,
-    exactly as SQLAlchemy would send it, and then only the driver runs, at a few microseconds a
-    statement instead of tens. Parameters are named as in the statement's bindparams.
-    """
-    connection = session.connection()
-    dialect = connection.dialect
-    key = (id(statement), dialect.name)
-    prepared = _PREPARED.get(key)
-    if prepared is None or prepared[0] is not statement:
-        compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
-        order = tuple(compiled.positiontup) if compiled.positiontup is not None else None
-        prepared = (statement, str(compiled), order, dict(compiled.params))
-        _PREPARED[key] = prepared
-    _, sql, order, defaults = prepared
-    values = {**defaults, **params}
-    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute(sql, values if order is None else tuple(values[k] for k in order))
-        return list(cursor.fetchall()) if cursor.description is not None else []
-    finally:
-        cursor.close()
-
-
-# (id of the statement, dialect) → (the statement, its SQL, positional order or None, defaults)
-_PREPARED: dict[
-    tuple[int, str], tuple[ClauseElement, str, tuple[str, ...] | None, dict[str, Any]]
-] = {}

@@ -15,7 +15,6 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from ledger.db import models
-from ledger.db.session import run_prepared
 from ledger.errors import FailedPrecondition, InvalidArgument, NotFound
 from ledger.journal import (
     NON_NEGATIVE_ACCOUNTS,
@@ -32,8 +31,8 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-# Hot-path statements, built once against the tables (Core, not ORM: no identity map to keep in
-# step, and SQLAlchemy reuses the compiled form without rebuilding the expression per call).
+# Statements built once against the tables (Core, not ORM: no identity map to keep in step,
+# and SQLAlchemy reuses the compiled form without rebuilding the expression per call).
 _ACCOUNTS = models.Base.metadata.tables["accounts"]
 _COUNTERS = models.Base.metadata.tables["counters"]
 
@@ -84,7 +83,7 @@ def reserve_entry_ids(session: Session, count: int) -> int:
     """Take `count` consecutive entry ids; returns the first. Holds the counter's row lock
     until the transaction ends, so blocks never overlap, also across server processes."""
     assert count > 0
-    ((next_value,),) = run_prepared(session, _RESERVE_IDS, {"count": count})
+    next_value = session.execute(_RESERVE_IDS, {"count": count}).scalar_one()
     return int(next_value) - count
 
 
@@ -165,10 +164,10 @@ def apply_deltas(session: Session, deltas: Deltas) -> dict[tuple[str, str], int]
             statement, params["bound"] = _MOVE_DOWN, floor - delta
         else:
             statement = _MOVE
-        rows = run_prepared(session, statement, params)
-        if not rows:
+        balance = session.execute(statement, params).scalar_one_or_none()
+        if balance is None:
             _refuse(session, currency, name, delta, floor)
-        balances[(currency, name)] = int(rows[0][0])
+        balances[(currency, name)] = int(balance)
     return balances
 
 
@@ -206,7 +205,7 @@ def lock_system_loss(session: Session, currencies: Sequence[str]) -> None:
     if not currencies or session.get_bind().dialect.name == "sqlite":
         return  # SQLite: BEGIN IMMEDIATE already serialises writers
     for currency in sorted(set(currencies)):
-        run_prepared(session, _LOCK_SYSTEM_LOSS, {"b_currency": currency})
+        session.execute(_LOCK_SYSTEM_LOSS, {"b_currency": currency}).all()
 
 
 def lock_account(session: Session, currency: str, name: str) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import grpc
 from sqlalchemy.orm import Session
 
 from ledger import cycle
@@ -18,10 +17,7 @@ from ledger.db.session import Database
 from ledger.db.store import reserve_entry_ids
 from ledger.errors import InvalidArgument, ResourceExhausted
 from ledger.server import convert
-
-
-class Cancelled(Exception):
-    """The caller went away before the close committed; the transaction rolls back."""
+from ledger.server.interceptors import CallCancelled, ThreadContext
 
 
 class CycleService:
@@ -29,7 +25,7 @@ class CycleService:
         self._db = database
         self._positions_max = positions_max
 
-    def close(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> pb.CycleSummary:
+    def close(self, messages: Iterator[bytes], context: ThreadContext) -> pb.CycleSummary:
         key, positions, digest = self._receive(messages)
         with self._db.write() as session:
             summary = cycle.close(session, key, positions, digest, self._reserve_ids)
@@ -37,10 +33,10 @@ class CycleService:
             # request stream early as if complete when a cancel races the last read, so the
             # check is here, after the work and before the commit, and it rolls all back.
             if not context.is_active():
-                raise Cancelled(f"close of cycle {key.cycle_id!r} cancelled by the client")
+                raise CallCancelled(f"close of cycle {key.cycle_id!r} cancelled by the client")
         return convert.cycle_summary(summary)
 
-    def preview(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> pb.CycleSummary:
+    def preview(self, messages: Iterator[bytes], context: ThreadContext) -> pb.CycleSummary:
         key, positions, digest = self._receive(messages)
         with self._db.read() as session:
             summary = cycle.preview(session, key, positions, digest)

@@ -62,8 +62,6 @@ class ThreadContext:
         self._context = context
         self._loop = loop
         self._cancelled = False
-        self._code: grpc.StatusCode | None = None
-        self._details = ""
 
     def is_active(self) -> bool:
         """False once the client cancelled or the deadline passed."""
@@ -84,16 +82,11 @@ class ThreadContext:
         raise Aborted(code, details)
 
     def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
+        """Called by a generated base class before it raises NotImplementedError; _abort
+        answers UNIMPLEMENTED from the exception."""
 
     def set_details(self, details: str) -> None:
-        self._details = details
-
-    def code(self) -> grpc.StatusCode | None:
-        return self._code
-
-    def time_remaining(self) -> float | None:
-        return self._context.time_remaining()
+        """See set_code."""
 
 
 class CallInterceptor(_ServerInterceptor):

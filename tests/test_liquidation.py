@@ -329,18 +329,25 @@ def assert_ledger_matches(client: Client, database_url: str, by_id: dict[str, in
     assert len(counts) == sum(1 for v in by_id.values() if v != 0)
 
 
-def test_concurrent_clients_with_duplicates(client: Client, database_url: str) -> None:
-    """16 clients, 5,000 liquidations, a tenth of them repeats of earlier ones."""
-    setup_market(client)
-    rng = random.Random(4)
-    unique: list[Sent] = []
-    for n in range(4500):
+def _random_liquidations(rng: random.Random, prefix: str, count: int) -> list[Sent]:
+    """Distinct linear BTCUSDT liquidations, profits and losses, each with the result
+    computed here by hand."""
+    sent: list[Sent] = []
+    for n in range(count):
         side = rng.choice([LONG, SHORT])
         qty, takeover = rng.randint(1, 50), rng.randint(50_000, 70_000)
         close = takeover + rng.randint(-500, 500)
         margin = rng.randint(0, 5_000_000)
-        request = liq(f"L{n}", "BTCUSDT", side, str(qty), str(takeover), str(close), margin)
-        unique.append(Sent(request, _expected_linear(side, qty, takeover, close, margin)))
+        request = liq(f"{prefix}{n}", "BTCUSDT", side, str(qty), str(takeover), str(close), margin)
+        sent.append(Sent(request, _expected_linear(side, qty, takeover, close, margin)))
+    return sent
+
+
+def test_concurrent_clients_with_duplicates(client: Client, database_url: str) -> None:
+    """16 clients, 5,000 liquidations, a tenth of them repeats of earlier ones."""
+    setup_market(client)
+    rng = random.Random(4)
+    unique = _random_liquidations(rng, "L", 4500)
     sends = unique + [rng.choice(unique) for _ in range(500)]
     rng.shuffle(sends)
     results: dict[str, list[pb.LiquidationResult]] = {}
@@ -383,14 +390,7 @@ def test_two_servers_on_one_database_post_each_id_once(client: Client, database_
     try:
         targets = [client.target, f"127.0.0.1:{other.port}"]
         rng = random.Random(7)
-        unique: list[Sent] = []
-        for n in range(1500):
-            side = rng.choice([LONG, SHORT])
-            qty, takeover = rng.randint(1, 50), rng.randint(50_000, 70_000)
-            close = takeover + rng.randint(-500, 500)
-            margin = rng.randint(0, 5_000_000)
-            request = liq(f"M{n}", "BTCUSDT", side, str(qty), str(takeover), str(close), margin)
-            unique.append(Sent(request, _expected_linear(side, qty, takeover, close, margin)))
+        unique = _random_liquidations(rng, "M", 1500)
         results: dict[str, list[pb.LiquidationResult]] = {}
         errors: list[Exception] = []
         lock = threading.Lock()

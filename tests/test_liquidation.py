@@ -343,19 +343,17 @@ def _random_liquidations(rng: random.Random, prefix: str, count: int) -> list[Se
     return sent
 
 
-def test_concurrent_clients_with_duplicates(client: Client, database_url: str) -> None:
-    """16 clients, 5,000 liquidations, a tenth of them repeats of earlier ones."""
-    setup_market(client)
-    rng = random.Random(4)
-    unique = _random_liquidations(rng, "L", 4500)
-    sends = unique + [rng.choice(unique) for _ in range(500)]
-    rng.shuffle(sends)
+def _send_concurrently(
+    shares: list[tuple[str, list[Sent]]],
+) -> dict[str, list[pb.LiquidationResult]]:
+    """Each (target, share) is one client on its own connection sending its share in order,
+    all at once; every reply, by liquidation id. Fails if any call failed."""
     results: dict[str, list[pb.LiquidationResult]] = {}
     errors: list[Exception] = []
     lock = threading.Lock()
 
-    def worker(share: list[Sent]) -> None:
-        own = Client.connect(client.target)
+    def worker(target: str, share: list[Sent]) -> None:
+        own = Client.connect(target)
         try:
             for sent in share:
                 reply = own.clearing.RecordLiquidation(sent.request, timeout=60)
@@ -366,12 +364,23 @@ def test_concurrent_clients_with_duplicates(client: Client, database_url: str) -
         finally:
             own.channel.close()
 
-    threads = [threading.Thread(target=worker, args=(sends[k::16],)) for k in range(16)]
+    threads = [threading.Thread(target=worker, args=share) for share in shares]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors
+    return results
+
+
+def test_concurrent_clients_with_duplicates(client: Client, database_url: str) -> None:
+    """16 clients, 5,000 liquidations, a tenth of them repeats of earlier ones."""
+    setup_market(client)
+    rng = random.Random(4)
+    unique = _random_liquidations(rng, "L", 4500)
+    sends = unique + [rng.choice(unique) for _ in range(500)]
+    rng.shuffle(sends)
+    results = _send_concurrently([(client.target, sends[k::16]) for k in range(16)])
     by_id = {s.request.liquidation_id: s.expected for s in unique}
     for lid, replies in results.items():
         assert all(r == replies[0] for r in replies), lid
@@ -391,36 +400,14 @@ def test_two_servers_on_one_database_post_each_id_once(client: Client, database_
         targets = [client.target, f"127.0.0.1:{other.port}"]
         rng = random.Random(7)
         unique = _random_liquidations(rng, "M", 1500)
-        results: dict[str, list[pb.LiquidationResult]] = {}
-        errors: list[Exception] = []
-        lock = threading.Lock()
-
-        def worker(target: str, share: list[Sent]) -> None:
-            own = Client.connect(target)
-            try:
-                for sent in share:
-                    reply = own.clearing.RecordLiquidation(sent.request, timeout=60)
-                    with lock:
-                        results.setdefault(sent.request.liquidation_id, []).append(reply)
-            except Exception as error:  # collected and failed on below
-                errors.append(error)
-            finally:
-                own.channel.close()
-
-        threads = []
+        shares: list[tuple[str, list[Sent]]] = []
         for target in targets:  # each server gets every id, in its own order, from 8 clients
             sends = list(unique)
             rng.shuffle(sends)
-            threads += [
-                threading.Thread(target=worker, args=(target, sends[k::8])) for k in range(8)
-            ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+            shares += [(target, sends[k::8]) for k in range(8)]
+        results = _send_concurrently(shares)
     finally:
         other.stop(grace_seconds=5)
-    assert not errors
     by_id = {s.request.liquidation_id: s.expected for s in unique}
     assert {lid: len(replies) for lid, replies in results.items()} == dict.fromkeys(by_id, 2)
     for lid, replies in results.items():

@@ -20,15 +20,8 @@ from sqlalchemy.orm import Session
 from ledger import money
 from ledger.currency import ContractKind
 from ledger.db import models
-from ledger.db.batch import (
-    BatchStatements,
-    Insert,
-    Query,
-    Statement,
-    select_together_async,
-    write_and_commit_async,
-)
-from ledger.db.session import SqliteLoopWriter
+from ledger.db.batch import BatchStatements, Insert, Query, Statement
+from ledger.db.session import SqliteWriter
 from ledger.db.store import now_us
 from ledger.db.u64 import to_signed
 from ledger.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -273,27 +266,24 @@ def record_batch(session: Session, requests: Sequence[LiquidationRequest]) -> Ou
     return outcomes
 
 
-async def record_batch_async(
-    connection: psycopg.AsyncConnection[Any], requests: Sequence[LiquidationRequest]
+def record_batch_postgres(
+    connection: psycopg.Connection[Any], requests: Sequence[LiquidationRequest]
 ) -> Outcomes:
-    """record_batch on an asyncio PostgreSQL connection, as one transaction that it commits:
-    the writes and the COMMIT share a round trip."""
-    rows = await select_together_async(connection, *_reads(requests, " FOR UPDATE"))
-    outcomes, writes = _decide(requests, rows)
-    await write_and_commit_async(connection, writes)
+    """record_batch on the group commit writer's own PostgreSQL connection, as one transaction
+    that it commits: the writes and the COMMIT share a round trip."""
+    db = BatchStatements(connection, is_sqlite=False)
+    outcomes, writes = _decide(requests, db.select_together(*_reads(requests, db.for_update)))
+    db.write_and_commit(writes)
     return outcomes
 
 
-async def record_batch_sqlite_async(
-    writer: SqliteLoopWriter, requests: Sequence[LiquidationRequest]
-) -> Outcomes:
-    """record_batch as one SQLite transaction that it commits: the statements on the caller's
-    event loop, the wait for the write lock and the durable COMMIT on the writer's pool."""
-    await writer.begin()
+def record_batch_sqlite(writer: SqliteWriter, requests: Sequence[LiquidationRequest]) -> Outcomes:
+    """record_batch as one SQLite transaction that it commits, on the writer's connection."""
+    writer.begin()
     db = BatchStatements(writer.dbapi_connection, is_sqlite=True)
     outcomes, writes = _decide(requests, db.select_together(*_reads(requests, db.for_update)))
     db.write_together(writes)
-    await writer.commit()
+    writer.commit()
     return outcomes
 
 

@@ -43,8 +43,8 @@ case "${1:-}" in
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/mypy"
     cargo fmt --check
-    cargo clippy --locked -p rust_alloc --all-targets -- -D warnings
-    cargo test --locked -p rust_alloc --release
+    cargo clippy --locked -p rust_alloc --all-targets --features python -- -D warnings
+    cargo test --locked -p rust_alloc --release --features python
     # The benchmark's load generator is a crate of its own (not in the workspace).
     cargo fmt --check --manifest-path bench/loadgen/Cargo.toml
     cargo clippy --locked --release --manifest-path bench/loadgen/Cargo.toml -- -D warnings

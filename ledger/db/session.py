@@ -8,12 +8,10 @@ rule (an account's balance, the id counter) are locked by the UPDATE that change
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import Any
 
@@ -86,39 +84,20 @@ class Database:
             self._write_gate.close()
 
 
-class SqliteLoopWriter:
-    """The SQLite connection of a group commit's writer task on an event loop.
+class SqliteWriter:
+    """The SQLite connection of a group commit's writer thread: its own raw connection (with
+    the engine's pragmas), whose transactions take the write gate shared with every other
+    writer of the file, as Database.write() does. Duck-typed like a psycopg connection for
+    the BatchWriter: rollback() and close()."""
 
-    A batch's statements run on the loop itself: SQLite is in-process and they take tens of
-    microseconds, and a second Python thread running them would contend with the loop for
-    the GIL at every statement, which costs more than the statements. What can wait on
-    another writer or on the disk (the write gate, BEGIN IMMEDIATE, the durable COMMIT) runs
-    on a thread of `pool` and is awaited, so the loop goes on serving meanwhile. The same
-    duck type as an asyncio psycopg connection for the committer: rollback() and close().
-    """
-
-    def __init__(self, database: Database, pool: Executor) -> None:
+    def __init__(self, database: Database) -> None:
         assert database._write_gate is not None, "SQLite only"
         self._gate = database._write_gate
-        self._pool = pool
-        self._raw = database.engine.raw_connection()  # with the engine's pragmas
+        self._raw = database.engine.raw_connection()
         self.dbapi_connection: Any = self._raw.dbapi_connection
         self._gate_held = False
 
-    async def begin(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._begin)
-
-    async def commit(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._commit)
-
-    async def rollback(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._rollback)
-
-    async def close(self) -> None:
-        await self.rollback()
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._raw.close)
-
-    def _begin(self) -> None:
+    def begin(self) -> None:
         self._gate.__enter__()
         self._gate_held = True
         try:
@@ -127,19 +106,23 @@ class SqliteLoopWriter:
             self._release()
             raise
 
-    def _commit(self) -> None:
+    def commit(self) -> None:
         try:
             self.dbapi_connection.execute("COMMIT")
         finally:
             if not self.dbapi_connection.in_transaction:  # else rollback() ends it
                 self._release()
 
-    def _rollback(self) -> None:
+    def rollback(self) -> None:
         try:
             if self.dbapi_connection.in_transaction:
                 self.dbapi_connection.execute("ROLLBACK")
         finally:
             self._release()
+
+    def close(self) -> None:
+        self.rollback()
+        self._raw.close()
 
     def _release(self) -> None:
         if self._gate_held:

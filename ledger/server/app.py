@@ -25,10 +25,11 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
 from ledger import liquidation
+from ledger._alloc import FrontEnd
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.db.migrate import upgrade
-from ledger.db.session import Database, SqliteLoopWriter
-from ledger.group_commit import GroupCommitter, run_alone
+from ledger.db.session import Database, SqliteWriter
+from ledger.group_commit import BATCH_REQUESTS_MAX, BatchWriter, run_alone
 from ledger.limits import (
     CYCLE_POSITIONS_MAX_DEFAULT,
     MESSAGE_BYTES_MAX,
@@ -37,7 +38,7 @@ from ledger.limits import (
 )
 from ledger.liquidation import LiquidationRequest, LiquidationResult
 from ledger.server.admin import AdminService
-from ledger.server.clearing import ClearingService
+from ledger.server.clearing import RECORD_LIQUIDATION, ClearingService, RecordBatches
 from ledger.server.cycles import CycleService
 from ledger.server.interceptors import CallInterceptor
 from ledger.server.query import QueryService
@@ -45,6 +46,8 @@ from ledger.server.query import QueryService
 log = logging.getLogger("ledger.server")
 
 _T = TypeVar("_T")
+
+_LOOPBACK_ANY_PORT = "127.0.0.1:0"  # grpc.aio behind the front end
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 
@@ -64,9 +67,12 @@ class Settings:
 class LedgerServer:
     """A started server; `stop()` lets in-flight calls finish.
 
-    grpc.aio on an event loop of its own thread: the loop does the network side of every call
-    and runs RecordLiquidation, whose calls only wait for their batch; the blocking handlers
-    run on a pool of `threads`. The methods here are called from any other thread.
+    With group commit (the default) the listening port is the front end's (rust_alloc's
+    front.rs): it answers RecordLiquidation by handing the calls queued meanwhile to one
+    writer thread as a batch (RecordBatches), and forwards every other call to grpc.aio on a
+    loopback port. grpc.aio runs on an event loop of its own thread and its blocking handlers
+    on a pool of `threads`. Without group commit grpc.aio listens on the port itself. The
+    methods here are called from any other thread.
     """
 
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
@@ -80,28 +86,46 @@ class LedgerServer:
         self._pool = futures.ThreadPoolExecutor(
             max_workers=settings.threads, thread_name_prefix="ledger-rpc"
         )
-        self._writer_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="ledger-grpc", daemon=True
         )
         self._loop_thread.start()
-        # Group commit: a writer task on the loop, with an asyncio connection on PostgreSQL and
-        # on SQLite a connection whose statements run on the loop (see SqliteLoopWriter).
-        self._liquidations: GroupCommitter[LiquidationRequest, LiquidationResult] | None = None
-        if settings.group_commit and self.database.is_sqlite:
-            self._liquidations = GroupCommitter(
-                self._open_sqlite_writer, liquidation.record_batch_sqlite_async
-            )
-        elif settings.group_commit:
-            self._liquidations = GroupCommitter(self._connect_async, liquidation.record_batch_async)
+        self._writer: BatchWriter[LiquidationRequest, LiquidationResult] | None = None
+        self._front: FrontEnd | None = None
         try:
-            self._health, self._server, self.port = self._on_loop(self._build(reuse_port))
+            listen = _LOOPBACK_ANY_PORT if settings.group_commit else settings.listen
+            self._health, self._server, self.port = self._on_loop(
+                self._build(listen, reuse_port and not settings.group_commit)
+            )
+            if settings.group_commit:
+                self._writer = self._batch_writer()
+                self._front = FrontEnd(
+                    settings.listen,
+                    self.port,
+                    RECORD_LIQUIDATION,
+                    RecordBatches(self._writer),
+                    batch_max=BATCH_REQUESTS_MAX,
+                    reuse_port=reuse_port,
+                )
+                self.port = self._front.port
         except BaseException:
             self._close()
             raise
 
-    async def _build(self, reuse_port: bool) -> tuple[HealthServicer, grpc.aio.Server, int]:
+    def _batch_writer(self) -> BatchWriter[LiquidationRequest, LiquidationResult]:
+        """The group commit writer's own connection: a raw psycopg connection on PostgreSQL,
+        a raw sqlite3 connection behind the write gate on SQLite."""
+        database = self.database
+        if database.is_sqlite:
+            return BatchWriter(lambda: SqliteWriter(database), liquidation.record_batch_sqlite)
+        url = make_url(database.url).set(drivername="postgresql")
+        conninfo = url.render_as_string(hide_password=False)
+        return BatchWriter(lambda: psycopg.connect(conninfo), liquidation.record_batch_postgres)
+
+    async def _build(
+        self, listen: str, reuse_port: bool
+    ) -> tuple[HealthServicer, grpc.aio.Server, int]:
         """Made on the loop, which grpc.aio binds the server to."""
         settings = self.settings
         server = grpc.aio.server(
@@ -133,32 +157,25 @@ class LedgerServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(settings.listen)
+        port = server.add_insecure_port(listen)
         if port == 0:
-            raise OSError(f"cannot listen on {settings.listen}")
+            raise OSError(f"cannot listen on {listen}")
         return health_servicer, server, port
 
     async def _record_liquidation(self, request: LiquidationRequest) -> LiquidationResult:
-        if self._liquidations is not None:
-            return await self._liquidations.submit(request)
-        # One transaction per call (the benchmark's comparison), on a thread of the pool.
+        """One transaction per call, on a thread of the pool: RecordLiquidation without
+        group commit (the benchmark's comparison)."""
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, run_alone, self.database, liquidation.record_batch, request
         )
-
-    async def _open_sqlite_writer(self) -> SqliteLoopWriter:
-        # A pool of its own: the batch's waits must not queue behind blocking handlers.
-        return SqliteLoopWriter(self.database, self._writer_pool)
-
-    async def _connect_async(self) -> psycopg.AsyncConnection[Any]:
-        url = make_url(self.database.url).set(drivername="postgresql")
-        return await psycopg.AsyncConnection.connect(url.render_as_string(hide_password=False))
 
     def _on_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def start(self) -> None:
         self._on_loop(self._start())
+        if self._front is not None:
+            self._front.start()
         log.info("serving on port %d, database %s", self.port, self.database.backend)
 
     async def _start(self) -> None:
@@ -167,18 +184,18 @@ class LedgerServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        self._on_loop(self._stop(grace_seconds))
+        self._on_loop(self._health.enter_graceful_shutdown())
+        if self._front is not None:  # its calls in flight, forwarded ones too, finish first
+            self._front.stop(grace_seconds)
+        self._on_loop(self._server.stop(grace_seconds))
         self._close()
 
-    async def _stop(self, grace_seconds: float) -> None:
-        await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace_seconds)
-        if self._liquidations is not None:
-            await self._liquidations.close()
-
     def _close(self) -> None:
+        if self._front is not None:
+            self._front.stop(0)
+        if self._writer is not None:
+            self._writer.close()
         self._pool.shutdown(wait=True)  # blocking handlers still running finish first
-        self._writer_pool.shutdown(wait=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join()
         self._loop.close()

@@ -1,9 +1,10 @@
 """Every call passes here: domain errors become statuses, and one log line is written.
 
-The server is grpc.aio: the event loop does the network work of every call, and the hot path
-(RecordLiquidation) is a coroutine that never leaves it. The other handlers are plain
-blocking functions (database sessions, Rust calls); each call of one runs on a thread of the
-pool, and is given a `ThreadContext`, the part of a servicer context that they use.
+grpc.aio serves every call but RecordLiquidation with group commit (the front end answers
+that one itself): the event loop does the network work of every call, and a coroutine
+handler never leaves it. The other handlers are plain blocking functions (database
+sessions, Rust calls); each call of one runs on a thread of the pool, and is given a
+`ThreadContext`, the part of a servicer context that they use.
 """
 
 from __future__ import annotations

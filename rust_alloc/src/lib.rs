@@ -18,6 +18,8 @@ mod select;
 mod split;
 
 #[cfg(feature = "python")]
+mod front;
+#[cfg(feature = "python")]
 mod py;
 
 use ids::RowMap;

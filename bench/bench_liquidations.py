@@ -3,13 +3,17 @@
 For each backend (SQLite, PostgreSQL), client and mode, a fresh database and a `ledger serve`
 process; then CLIENTS concurrent clients, each on its own connection, send durable
 liquidations on loopback for SECONDS, each waiting for its reply. Prints calls per second,
-p50 and p99 latency, and the group-commit / per-call ratio from the same run.
+p50 and p99 latency, and the group-commit / per-call ratio from the same run. The modes are
+the server's settings: `--group-commit` (the default: the front end queues the calls and
+each batch is one transaction) and `--no-group-commit` (grpc.aio on the port, each call in a
+transaction of its own on the handler pool).
 
 Two load generators, as the clients share the server's two cores: `rust` (bench/loadgen, a
 tonic client built here with cargo, a few tens of microseconds of CPU per call) and `python`
 (grpc.aio in LOAD_PROCESSES processes, whose own CPU per call is about half the server's).
-Each client first loads an empty server (no database; see serve_empty): the ceiling of the
-host in that run, since its speed drifts.
+Each client first loads an empty grpc.aio server (no database; see serve_empty): a yardstick
+of the host's speed in that run, since it drifts, and the most a server that handled each
+call in Python could do.
 
     python bench/bench_liquidations.py [--seconds 10] [--clients 16] [--workers 1]
         [--backends sqlite,postgresql] [--client rust,python]
@@ -130,8 +134,8 @@ LOADGEN = LOADGEN_DIR / "target" / "release" / "loadgen"
 
 def serve_empty(port: int, ready: Any) -> None:
     """A grpc.aio server whose RecordLiquidation answers at once, touching no database: the
-    most any server in Python on this machine could do with these clients, measured in the
-    same run (this host's speed drifts by a quarter within an hour)."""
+    most a server handling each call in Python could do on this machine with these clients,
+    measured in the same run (this host's speed drifts by a quarter within an hour)."""
 
     async def record(
         request: pb.RecordLiquidationRequest, _context: object

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ledger.db.session import default_database_url
+from ledger.group_commit import BATCH_REQUESTS_MAX
 from ledger.server.app import Settings, serve
 
 
@@ -42,12 +43,21 @@ def main(argv: list[str] | None = None) -> int:
         help="gather concurrent liquidations into one transaction (env LEDGER_GROUP_COMMIT)",
     )
     serve_cmd.add_argument(
+        "--batch-max",
+        type=int,
+        default=int(os.environ.get("LEDGER_BATCH_MAX", str(BATCH_REQUESTS_MAX))),
+        help="liquidations one group commit transaction takes at most; 1 gives each call its "
+        f"own transaction (env LEDGER_BATCH_MAX; default {BATCH_REQUESTS_MAX})",
+    )
+    serve_cmd.add_argument(
         "--workers",
         type=int,
         default=int(os.environ.get("LEDGER_WORKERS", "1")),
         help="server processes sharing the port (env LEDGER_WORKERS; default 1)",
     )
     args = parser.parse_args(argv)
+    if args.batch_max < 1:
+        parser.error(f"--batch-max must be at least 1 (got {args.batch_max})")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1 (got {args.workers})")
     logging.basicConfig(
@@ -61,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         cycle_positions_max=args.cycle_positions_max,
         group_commit=args.group_commit,
+        batch_max=args.batch_max,
         workers=args.workers,
     )
     return serve(settings)

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+from bench.bench_liquidations import MODES
 from bench.common import ROOT
 
 
@@ -31,13 +32,11 @@ def test_liquidation_benchmark_runs() -> None:
         text=True,
         timeout=600,
     ).stdout
-    rows = re.findall(r"^sqlite\s+(rust|python)\s+(group commit|txn per call)\s+(\d+)\s", out, re.M)
-    assert sorted((client, mode) for client, mode, _ in rows) == [
-        ("python", "group commit"),
-        ("python", "txn per call"),
-        ("rust", "group commit"),
-        ("rust", "txn per call"),
-    ], out
+    modes = "|".join(re.escape(mode) for mode in MODES)
+    rows = re.findall(rf"^sqlite\s+(rust|python)\s+({modes})\s+(\d+)\s", out, re.M)
+    assert sorted((client, mode) for client, mode, _ in rows) == sorted(
+        (client, mode) for client in ("rust", "python") for mode in MODES
+    ), out
     assert all(int(rate) > 0 for _, _, rate in rows), out
     assert len(re.findall(r"^sqlite\s+(rust|python)\s+gain\s+\d+\.\dx$", out, re.M)) == 2, out
     empty = re.findall(r"^\(none\)\s+(rust|python)\s+empty server\s+(\d+)\s", out, re.M)

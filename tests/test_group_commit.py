@@ -15,6 +15,8 @@ being written are handed over together as the next batch, each call gets its own
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -270,3 +272,16 @@ def test_front_end_refuses_an_address_it_cannot_listen_on() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
             FrontEnd(f"127.0.0.1:{port}", _closed_port(), METHOD, lambda messages: messages)
+
+
+def test_serve_refuses_a_batch_max_below_one(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ledger.cli", "serve", "--batch-max", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--batch-max must be at least 1 (got 0)" in result.stderr
+    assert not (tmp_path / "ledger.db").exists(), "nothing may be created"

@@ -30,6 +30,7 @@ from sqlalchemy import create_engine, text
 from ledger.api.v1 import insurance_pb2 as pb
 from tests.conftest import Client
 from tests.test_admin import DEPOSIT, WITHDRAW, transfer, usd
+from tests.test_liquidation import INFLOW, LONG, liq, setup_market
 
 STARTUP_SECONDS = 30
 EXIT_SECONDS = 30
@@ -161,6 +162,44 @@ def test_serve_stops_gracefully_and_restarts_on_the_same_database(
             assert process.wait(timeout=EXIT_SECONDS) == 0
         finally:
             client.channel.close()
+
+
+def test_serve_finishes_a_batch_of_liquidations_in_flight_on_stop(
+    database_url: str, tmp_path: Path
+) -> None:
+    """RecordLiquidation is answered by the front end, not grpc.aio: on SIGTERM the calls
+    queued behind a held batch still get their own durable results before the exit."""
+    port = free_port()
+    command = [
+        *[sys.executable, "-m", "ledger.cli", "serve"],
+        *["--listen", f"127.0.0.1:{port}", "--database-url", database_url],
+    ]
+    with ledger_serve(command, tmp_path / "workdir", port) as (process, stderr):
+        client = Client.connect(f"127.0.0.1:{port}")
+        try:
+            setup_market(client)
+            requests = [
+                liq(f"stop-{k}", "BTCUSDT", LONG, "1", "60000", "60001", 0) for k in range(8)
+            ]
+            with database_lock(database_url):
+                in_flight = [client.clearing.RecordLiquidation.future(r) for r in requests]
+                time.sleep(0.5)
+                assert not any(call.done() for call in in_flight), "not held by the lock"
+                process.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                assert process.poll() is None, "the server exited with calls in flight"
+            results = [call.result(timeout=EXIT_SECONDS) for call in in_flight]
+            assert process.wait(timeout=EXIT_SECONDS) == 0
+        finally:
+            client.channel.close()
+        log = stderr.read_text()
+    # 1 USDT of profit each (0.001 × 1 × 1,000,000 minor units): the fund's balance after
+    # each is its predecessor's plus 1,000, in commit order, and the entries are distinct.
+    assert all(r.outcome == INFLOW and r.engine_result == 1_000 for r in results)
+    assert sorted(r.fund_balance for r in results) == [1_000 * k for k in range(1, 9)]
+    assert len({r.entry_id for r in results}) == 8
+    calls = re.findall(r"method=(\S+RecordLiquidation) status=(\S+) duration_ms=", log)
+    assert [status for _, status in calls] == ["OK"] * 8, log
 
 
 def test_reflection_lists_the_services(database_url: str, tmp_path: Path) -> None:

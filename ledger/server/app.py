@@ -60,6 +60,8 @@ class Settings:
     cycle_positions_max: int = CYCLE_POSITIONS_MAX_DEFAULT
     # Off: one transaction per RecordLiquidation call (the benchmark's comparison).
     group_commit: bool = True
+    # Liquidations one group commit transaction takes at most (1: a transaction per call).
+    batch_max: int = BATCH_REQUESTS_MAX
     # Server processes sharing the port; each has its own pool, writer and GIL.
     workers: int = 1
 
@@ -105,7 +107,7 @@ class LedgerServer:
                     self.port,
                     RECORD_LIQUIDATION,
                     RecordBatches(self._writer),
-                    batch_max=BATCH_REQUESTS_MAX,
+                    batch_max=settings.batch_max,
                     reuse_port=reuse_port,
                 )
                 self.port = self._front.port

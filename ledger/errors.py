@@ -30,3 +30,7 @@ class FailedPrecondition(LedgerError):
 
 class ResourceExhausted(LedgerError):
     """A request above a configured limit (positions in a cycle)."""
+
+
+class Unavailable(LedgerError):
+    """The database kept refusing a write (lost, restarting): nothing was written; retry."""

@@ -7,7 +7,8 @@ so every reply still follows its own durable write. A request's own rule failure
 conflicting id, a closed cycle) is returned by the batch function for that request alone and
 never fails its batch-mates; a driver error (a concurrent writer's row, a lost connection)
 reruns the batch on a fresh connection, and a batch that fails otherwise is split into single
-requests, so that only the request at fault fails.
+requests, so that only the request at fault fails. A batch the database keeps refusing fails
+as a whole with Unavailable (nothing of it was written; the client retries, idempotently).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from ledger.db.batch import DRIVER_ERRORS
 from ledger.db.session import Database
+from ledger.errors import Unavailable
 
 log = logging.getLogger("ledger.group_commit")
 
@@ -29,7 +31,7 @@ Result = TypeVar("Result")
 
 BATCH_REQUESTS_MAX = 1024  # calls the front end hands over at most, as one transaction
 BATCH_ATTEMPTS_MAX = 3  # a batch that hit a concurrent writer's row (another process) re-reads
-RETRY_EXHAUSTED = "the database kept refusing this write; try again"
+RETRY_EXHAUSTED = "the database kept refusing this write; nothing was written, try again"
 
 
 def run_alone(
@@ -49,7 +51,7 @@ def run_alone(
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
-    raise RuntimeError(RETRY_EXHAUSTED)
+    raise Unavailable(RETRY_EXHAUSTED)
 
 
 # Runs a batch on the connection as one transaction and commits it.
@@ -85,10 +87,9 @@ class BatchWriter(Generic[Request, Result]):
                 if len(requests) == 1:
                     return [error]
                 log.exception("batch of %d failed; running its requests one by one", len(requests))
-                break
-        if len(requests) == 1:
-            return [RuntimeError(RETRY_EXHAUSTED)]
-        return [outcome for request in requests for outcome in self.write([request])]
+                return [outcome for request in requests for outcome in self.write([request])]
+        # The database, not a request, is at fault: the batch fails as a whole, at once.
+        return [Unavailable(RETRY_EXHAUSTED) for _ in requests]
 
     def close(self) -> None:
         """Close the connection; later batches are refused."""

@@ -15,6 +15,7 @@ being written are handed over together as the next batch, each call gets its own
 from __future__ import annotations
 
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -32,7 +33,9 @@ from sqlalchemy.engine import make_url
 
 from ledger._alloc import FrontEnd
 from ledger.db.session import Database, SqliteWriter
-from ledger.group_commit import BatchWriter
+from ledger.errors import Unavailable
+from ledger.group_commit import BATCH_ATTEMPTS_MAX, BatchWriter
+from ledger.server.status import status_for
 from tests.conftest import fresh_database
 
 POISON = "poison"  # fails the whole batch it is in (an unexpected exception)
@@ -128,6 +131,32 @@ def test_postgres_writer_keeps_failures_to_their_requests(tmp_path: Path) -> Non
     _check(dict(zip(VALUES, outcomes, strict=True)), written, flaky_failed)
 
 
+def test_writer_fails_a_batch_the_database_keeps_refusing_as_a_whole() -> None:
+    """A database that refuses every attempt is not the requests' fault: the batch is tried
+    BATCH_ATTEMPTS_MAX times on fresh connections, not split, and every request is answered
+    UNAVAILABLE (nothing was written; the client retries)."""
+    connections = 0
+    attempts: list[list[str]] = []
+
+    def connect() -> Any:
+        nonlocal connections
+        connections += 1
+        return sqlite3.connect(":memory:")
+
+    def batch(_connection: Any, requests: Sequence[str]) -> list[str | Exception]:
+        attempts.append(list(requests))
+        raise sqlite3.OperationalError("database is locked")
+
+    writer: BatchWriter[str, str] = BatchWriter(connect, batch)
+    outcomes = writer.write(["a", "b", "c"])
+    writer.close()
+    assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+    assert status_for(outcomes[0]) == grpc.StatusCode.UNAVAILABLE
+    assert "nothing was written" in str(outcomes[0])
+    assert attempts == [["a", "b", "c"]] * BATCH_ATTEMPTS_MAX
+    assert connections == BATCH_ATTEMPTS_MAX
+
+
 def test_writer_refuses_batches_once_closed() -> None:
     def never_connect() -> Any:
         raise AssertionError("no batch should run")
@@ -212,6 +241,25 @@ def test_front_end_batches_the_calls_that_queue_behind_a_batch() -> None:
     later = [m for batch in batches[1:] for m in batch]
     assert sorted(later) == sorted(f"call-{k}".encode() for k in range(15))
     assert max(len(b) for b in batches[1:]) > 1, f"no calls were batched: {batches}"
+
+
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+def test_front_end_takes_compressed_requests(compression: grpc.Compression) -> None:
+    received: list[bytes] = []
+
+    def record(messages: list[bytes]) -> list[bytes]:
+        received.extend(messages)
+        return [m[::-1] for m in messages]
+
+    front = _front_end(record)
+    message = b"liquidation " * 100  # compresses well, so the client does compress it
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+            call = channel.unary_unary(METHOD)
+            assert call(message, timeout=30, compression=compression) == message[::-1]
+    finally:
+        front.stop(5)
+    assert received == [message]
 
 
 def test_front_end_answers_each_call_with_its_own_status() -> None:

@@ -22,6 +22,7 @@ import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy.engine import make_url
 
 from ledger import liquidation
@@ -48,6 +49,7 @@ log = logging.getLogger("ledger.server")
 _T = TypeVar("_T")
 
 _LOOPBACK_ANY_PORT = "127.0.0.1:0"  # grpc.aio behind the front end
+WRITER_CONNECT_TIMEOUT_SECONDS = 10
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 
@@ -122,15 +124,18 @@ class LedgerServer:
         if database.is_sqlite:
             return BatchWriter(lambda: SqliteWriter(database), liquidation.record_batch_sqlite)
         url = make_url(database.url).set(drivername="postgresql")
-        conninfo = url.render_as_string(hide_password=False)
+        params = conninfo_to_dict(url.render_as_string(hide_password=False))
         # Custom plans only: the driver prepares the batch's statements, and a generic plan
         # made while `liquidations` was small (a fresh database, before autoanalyze) scans the
         # whole table for earlier uses of the ids, every batch, as the table grows; measured,
-        # half the throughput. A custom plan sees the table's current size.
-        options = "-c plan_cache_mode=force_custom_plan"
-        return BatchWriter(
-            lambda: psycopg.connect(conninfo, options=options), liquidation.record_batch_postgres
+        # half the throughput. A custom plan sees the table's current size. Added to the
+        # URL's own options (a search_path, say), not in their place.
+        params["options"] = " ".join(
+            filter(None, [str(params.get("options", "")), "-c plan_cache_mode=force_custom_plan"])
         )
+        params.setdefault("connect_timeout", WRITER_CONNECT_TIMEOUT_SECONDS)
+        conninfo = make_conninfo("", **params)
+        return BatchWriter(lambda: psycopg.connect(conninfo), liquidation.record_batch_postgres)
 
     async def _build(
         self, listen: str, reuse_port: bool

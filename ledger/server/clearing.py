@@ -66,11 +66,7 @@ class RecordBatches:
             positions.append(i)
         if requests:
             for i, outcome in zip(positions, self._writer.write(requests), strict=True):
-                replies[i] = (
-                    _status(outcome)
-                    if isinstance(outcome, Exception)
-                    else _response(outcome).SerializeToString()
-                )
+                replies[i] = _reply(outcome)
         if log.isEnabledFor(logging.INFO):
             elapsed_ms = (time.perf_counter() - started) * 1000
             for reply in replies:
@@ -83,6 +79,16 @@ class RecordBatches:
                     len(replies),
                 )
         return replies
+
+
+def _reply(outcome: LiquidationResult | Exception) -> Reply:
+    """The call's reply; a failure here fails this call alone (its batch has committed)."""
+    if isinstance(outcome, Exception):
+        return _status(outcome)
+    try:
+        return _response(outcome).SerializeToString()
+    except Exception as error:
+        return _status(error)
 
 
 def _validated(request: pb.RecordLiquidationRequest) -> LiquidationRequest:

@@ -12,6 +12,7 @@ from ledger.errors import (
     LedgerError,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 
 STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
@@ -22,6 +23,7 @@ STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

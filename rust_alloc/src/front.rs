@@ -40,7 +40,13 @@ const UNAVAILABLE: i32 = 14;
 /// A RecordLiquidation request is a few hundred bytes; anything far larger is refused
 /// before it is buffered.
 const MESSAGE_BYTES_MAX: usize = 64 * 1024;
-const WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+// HTTP/2 flow control: a stream may have 4 MiB in flight, a connection 64 MiB, so that a
+// client that stops reading a forwarded stream holds up at most its own streams' share of
+// the one connection to grpc.aio that every forwarded call shares.
+const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+// A compressed request may not inflate beyond this.
+const INFLATED_BYTES_MAX: u64 = 1024 * 1024;
 
 /// One call's answer: the serialized response message, or a status code and its message.
 enum Reply {
@@ -118,9 +124,8 @@ impl FrontEnd {
         let mut client = Client::builder(TokioExecutor::new());
         client
             .http2_only(true)
-            .http2_adaptive_window(true)
-            .http2_initial_stream_window_size(WINDOW_BYTES)
-            .http2_initial_connection_window_size(WINDOW_BYTES);
+            .http2_initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .http2_initial_connection_window_size(CONNECTION_WINDOW_BYTES);
         // Without TCP_NODELAY a forwarded unary call waits out Nagle's algorithm against the
         // peer's delayed ACK: about 40 ms a call instead of a fraction of one.
         let mut connector = HttpConnector::new();
@@ -163,7 +168,11 @@ impl FrontEnd {
     /// Stop accepting, let calls in flight finish for up to `grace_seconds`, then close
     /// every connection and wait for the writer's last batch.
     fn stop(&mut self, py: Python<'_>, grace_seconds: f64) {
-        let grace = Duration::try_from_secs_f64(grace_seconds.max(0.0)).unwrap_or(Duration::ZERO);
+        let grace = if grace_seconds.is_nan() || grace_seconds <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::try_from_secs_f64(grace_seconds).unwrap_or(Duration::MAX)
+        };
         let (Some(runtime), Some(signal)) = (self.runtime.take(), self.stop_signal.take()) else {
             return;
         };
@@ -233,16 +242,19 @@ async fn serve(
                 break if changed.is_ok() { (*stopped.borrow()).unwrap_or_default() } else { Duration::ZERO };
             }
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // Out of file descriptors, say: try again shortly rather than spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 let service = service_fn(move |request| handle(shared.clone(), request));
                 let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                 builder
                     .timer(TokioTimer::new())
-                    .adaptive_window(true)
-                    .initial_stream_window_size(WINDOW_BYTES)
-                    .initial_connection_window_size(WINDOW_BYTES);
+                    .initial_stream_window_size(STREAM_WINDOW_BYTES)
+                    .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
@@ -269,11 +281,18 @@ async fn handle(
 /// A RecordLiquidation call: its one message goes to the writer's queue, and the call waits
 /// for its batch. A client that goes away only drops its side of the reply.
 async fn record(shared: &Shared, request: Request<Incoming>) -> Response<GrpcReply> {
-    let is_grpc = request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let is_grpc = header("content-type").is_some_and(|v| {
+        let media = v.split(';').next().unwrap_or_default().trim();
+        media == "application/grpc" || media == "application/grpc+proto"
+    });
+    let encoding = header("grpc-encoding");
     if !is_grpc {
         return Response::builder()
             .status(StatusCode::UNSUPPORTED_MEDIA_TYPE)
@@ -294,7 +313,7 @@ async fn record(shared: &Shared, request: Request<Incoming>) -> Response<GrpcRep
             return grpc_reply(Reply::Status(code, format!("request: {e}")));
         }
     };
-    let message = match unframe(body) {
+    let message = match unframe(body, encoding.as_deref()) {
         Ok(message) => message,
         Err((code, text)) => return grpc_reply(Reply::Status(code, text)),
     };
@@ -308,18 +327,16 @@ async fn record(shared: &Shared, request: Request<Incoming>) -> Response<GrpcRep
     }
 }
 
-/// The single message of a unary request body: a 5-byte prefix (compressed flag, length).
-fn unframe(mut body: Bytes) -> Result<Bytes, (i32, String)> {
+/// The single message of a unary request body: a 5-byte prefix (compressed flag, length),
+/// inflated if the client compressed it with `encoding` (gzip or deflate, as grpc offers).
+fn unframe(mut body: Bytes, encoding: Option<&str>) -> Result<Bytes, (i32, String)> {
     if body.len() < 5 {
         return Err((INTERNAL, "request: no complete gRPC message".into()));
     }
     let compressed = body.get_u8();
     let length = body.get_u32() as usize;
-    if compressed != 0 {
-        return Err((
-            UNIMPLEMENTED,
-            "request: compressed messages are not supported".into(),
-        ));
+    if length == body.len() && compressed != 0 {
+        return inflate(&body, encoding.unwrap_or("identity"));
     }
     if length != body.len() {
         return Err((
@@ -331,6 +348,36 @@ fn unframe(mut body: Bytes) -> Result<Bytes, (i32, String)> {
         ));
     }
     Ok(body)
+}
+
+fn inflate(compressed: &[u8], encoding: &str) -> Result<Bytes, (i32, String)> {
+    use std::io::Read;
+    let mut inflated = Vec::new();
+    let read = match encoding {
+        "gzip" => flate2::read::GzDecoder::new(compressed)
+            .take(INFLATED_BYTES_MAX + 1)
+            .read_to_end(&mut inflated),
+        "deflate" => flate2::read::ZlibDecoder::new(compressed)
+            .take(INFLATED_BYTES_MAX + 1)
+            .read_to_end(&mut inflated),
+        other => {
+            return Err((
+                UNIMPLEMENTED,
+                format!("grpc-encoding: {other:?} is not supported (gzip, deflate or none)"),
+            ))
+        }
+    };
+    match read {
+        Ok(_) if inflated.len() as u64 > INFLATED_BYTES_MAX => Err((
+            RESOURCE_EXHAUSTED,
+            format!("request: inflates beyond {INFLATED_BYTES_MAX} bytes"),
+        )),
+        Ok(_) => Ok(Bytes::from(inflated)),
+        Err(e) => Err((
+            INTERNAL,
+            format!("request: cannot inflate its {encoding} message: {e}"),
+        )),
+    }
 }
 
 /// Any other call, forwarded as it is to the grpc.aio server: headers, body and trailers
@@ -373,6 +420,11 @@ fn write_batches(pending: mpsc::Receiver<Pending>, record: Py<PyAny>, batch_max:
                 Ok(next) => batch.push(next),
                 Err(_) => break,
             }
+        }
+        // A call whose client went away (a cancel, its deadline) is not recorded.
+        batch.retain(|call| !call.reply.is_closed());
+        if batch.is_empty() {
+            continue;
         }
         let replies = Python::attach(|py| call_record(py, &record, &batch));
         for (call, reply) in batch.into_iter().zip(replies) {
@@ -439,9 +491,14 @@ fn grpc_reply(reply: Reply) -> Response<GrpcReply> {
         data,
         trailers: Some(trailers),
     });
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(
+        "grpc-accept-encoding",
+        HeaderValue::from_static("identity,deflate,gzip"),
     );
     response
 }
@@ -506,12 +563,12 @@ mod tests {
         framed.put_u32(3);
         framed.put_slice(b"abc");
         assert_eq!(
-            unframe(framed.freeze()).ok(),
+            unframe(framed.freeze(), None).ok(),
             Some(Bytes::from_static(b"abc"))
         );
-        assert!(unframe(Bytes::from_static(&[0, 0, 0, 0, 4, 1, 2])).is_err());
-        assert!(unframe(Bytes::from_static(&[1, 0, 0, 0, 0])).is_err());
-        assert!(unframe(Bytes::from_static(&[0, 0])).is_err());
+        assert!(unframe(Bytes::from_static(&[0, 0, 0, 0, 4, 1, 2]), None).is_err());
+        assert!(unframe(Bytes::from_static(&[1, 0, 0, 0, 0]), None).is_err());
+        assert!(unframe(Bytes::from_static(&[0, 0]), None).is_err());
     }
 
     #[test]

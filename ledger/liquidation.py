@@ -261,7 +261,7 @@ def record_batch(session: Session, requests: Sequence[LiquidationRequest]) -> Ou
     other content, a closed cycle); the others are written regardless.
     """
     db = BatchStatements.of_session(session)
-    outcomes, writes = _decide(requests, db.select_together(*_reads(requests, db.for_update)))
+    outcomes, writes = _decide_locked(db, requests)
     db.write_together(writes)
     return outcomes
 
@@ -272,7 +272,7 @@ def record_batch_postgres(
     """record_batch on the group commit writer's own PostgreSQL connection, as one transaction
     that it commits: the writes and the COMMIT share a round trip."""
     db = BatchStatements(connection, is_sqlite=False)
-    outcomes, writes = _decide(requests, db.select_together(*_reads(requests, db.for_update)))
+    outcomes, writes = _decide_locked(db, requests)
     db.write_and_commit(writes)
     return outcomes
 
@@ -281,10 +281,17 @@ def record_batch_sqlite(writer: SqliteWriter, requests: Sequence[LiquidationRequ
     """record_batch as one SQLite transaction that it commits, on the writer's connection."""
     writer.begin()
     db = BatchStatements(writer.dbapi_connection, is_sqlite=True)
-    outcomes, writes = _decide(requests, db.select_together(*_reads(requests, db.for_update)))
+    outcomes, writes = _decide_locked(db, requests)
     db.write_together(writes)
     writer.commit()
     return outcomes
+
+
+def _decide_locked(
+    db: BatchStatements, requests: Sequence[LiquidationRequest]
+) -> tuple[Outcomes, list[Statement | Insert]]:
+    """Read and lock what the batch depends on (one round trip), then decide it in memory."""
+    return _decide(requests, db.select_together(*_reads(requests, db.for_update)))
 
 
 def _reads(requests: Sequence[LiquidationRequest], lock: str) -> list[list[Query]]:

@@ -14,7 +14,7 @@ from ledger.api.v1 import insurance_pb2 as pb
 from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
 from ledger.group_commit import BatchWriter
 from ledger.liquidation import LiquidationRequest, LiquidationResult
-from ledger.server.status import status_for
+from ledger.server.status import internal_details, status_for
 
 if TYPE_CHECKING:
     from grpc.aio import ServicerContext
@@ -120,8 +120,7 @@ def _response(result: LiquidationResult) -> pb.LiquidationResult:
 def _status(error: Exception) -> tuple[int, str]:
     code = status_for(error)
     if code is None:
-        log.error("%s failed unexpectedly", RECORD_LIQUIDATION, exc_info=error)
-        return _INTERNAL, f"internal error: {type(error).__name__}"
+        return _INTERNAL, internal_details(RECORD_LIQUIDATION, error)
     return code.value[0], str(error)
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 import grpc
 import grpc.aio
 
-from ledger.server.status import status_for
+from ledger.server.status import internal_details, status_for
 
 log = logging.getLogger("ledger.calls")
 
@@ -235,8 +235,7 @@ async def _abort(context: _Context, method: str, error: Exception) -> NoReturn:
     if context.cancelled() or context.done():
         # The client cancelled or the deadline passed while the handler ran: not a fault.
         await context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
-    log.error("%s failed unexpectedly", method, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+    await context.abort(grpc.StatusCode.INTERNAL, internal_details(method, error))
 
 
 def _log(method: str, context: _Context, started: float) -> None:

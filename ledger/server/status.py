@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from ledger.alloc import AllocationError, PositionLimitError
@@ -14,6 +16,8 @@ from ledger.errors import (
     ResourceExhausted,
     Unavailable,
 )
+
+log = logging.getLogger("ledger.calls")
 
 STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -36,3 +40,10 @@ def status_for(error: Exception) -> grpc.StatusCode | None:
     if isinstance(error, LedgerError):
         return grpc.StatusCode.FAILED_PRECONDITION
     return None
+
+
+def internal_details(method: str, error: Exception) -> str:
+    """An unexpected error of a call (INTERNAL): logged with its traceback; the caller is
+    shown only its type."""
+    log.error("%s failed unexpectedly", method, exc_info=error)
+    return f"internal error: {type(error).__name__}"

@@ -225,7 +225,6 @@ fn bind_one(address: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListene
     if reuse_port {
         socket.set_reuseport(true)?;
     }
-    socket.set_nodelay(true)?;
     socket.bind(address)?;
     socket.listen(1024)
 }

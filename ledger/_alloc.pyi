@@ -1,6 +1,5 @@
 """Typed stub of the native module built from rust_alloc/src/py.rs (import ledger.alloc)."""
 
-from collections.abc import Callable, Sequence
 from typing import final
 
 import numpy as np
@@ -60,24 +59,3 @@ class CycleInputDecoder:
 def encode_allocation_chunks(
     position_id: object, account_id: object, pnl: object, amount: object, rows_per_chunk: int
 ) -> list[bytes]: ...
-
-@final
-class FrontEnd:
-    """The server's HTTP/2 listener (rust_alloc/src/front.rs): answers `method` through
-    `record`, called on one writer thread with the serialized requests queued meanwhile,
-    and forwards every other call to grpc.aio on 127.0.0.1:`backend_port`."""
-
-    def __init__(
-        self,
-        listen: str,
-        backend_port: int,
-        method: str,
-        record: Callable[[list[bytes]], Sequence[bytes | tuple[int, str]]],
-        *,
-        batch_max: int = 1024,
-        reuse_port: bool = False,
-    ) -> None: ...
-    @property
-    def port(self) -> int: ...
-    def start(self) -> None: ...
-    def stop(self, grace_seconds: float) -> None: ...

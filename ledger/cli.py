@@ -7,9 +7,28 @@ import logging
 import os
 import sys
 
-from ledger.db.session import default_database_url
-from ledger.group_commit import BATCH_REQUESTS_MAX
+from ledger.db.session import (
+    LOCK_TIMEOUT_SECONDS_DEFAULT,
+    STATEMENT_TIMEOUT_SECONDS_DEFAULT,
+    default_database_url,
+)
+from ledger.limits import (
+    BATCH_ITEMS_MAX_DEFAULT,
+    CONNECTION_AGE_SECONDS_DEFAULT,
+    CYCLE_STREAMS_MAX_DEFAULT,
+    KEEPALIVE_SECONDS_DEFAULT,
+    PENDING_LIQUIDATIONS_MAX_DEFAULT,
+    STREAM_IDLE_SECONDS_DEFAULT,
+)
 from ledger.server.app import Settings, serve
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         "default a SQLite file ledger.db in the working directory)",
     )
     serve_cmd.add_argument(
-        "--threads", type=int, default=int(os.environ.get("LEDGER_THREADS", "32"))
+        "--threads",
+        type=int,
+        default=_env_int("LEDGER_THREADS", 32),
+        help="threads for the blocking handlers (env LEDGER_THREADS; default 32)",
     )
     serve_cmd.add_argument(
         "--cycle-positions-max",
@@ -37,29 +59,83 @@ def main(argv: list[str] | None = None) -> int:
         help="positions a cycle close may stream before RESOURCE_EXHAUSTED",
     )
     serve_cmd.add_argument(
-        "--group-commit",
-        action=argparse.BooleanOptionalAction,
-        default=os.environ.get("LEDGER_GROUP_COMMIT", "1") not in ("0", "false", "no"),
-        help="gather concurrent liquidations into one transaction (env LEDGER_GROUP_COMMIT)",
-    )
-    serve_cmd.add_argument(
         "--batch-max",
         type=int,
-        default=int(os.environ.get("LEDGER_BATCH_MAX", str(BATCH_REQUESTS_MAX))),
-        help="liquidations one group commit transaction takes at most; 1 gives each call its "
-        f"own transaction (env LEDGER_BATCH_MAX; default {BATCH_REQUESTS_MAX})",
+        default=_env_int("LEDGER_BATCH_MAX", BATCH_ITEMS_MAX_DEFAULT),
+        help="liquidations one writer transaction takes at most; 1 gives each call its own "
+        f"(env LEDGER_BATCH_MAX; default {BATCH_ITEMS_MAX_DEFAULT})",
+    )
+    serve_cmd.add_argument(
+        "--pending-max",
+        type=int,
+        default=_env_int("LEDGER_PENDING_MAX", PENDING_LIQUIDATIONS_MAX_DEFAULT),
+        help="liquidations that may wait for the writer per process; beyond it calls get "
+        f"RESOURCE_EXHAUSTED (env LEDGER_PENDING_MAX; default {PENDING_LIQUIDATIONS_MAX_DEFAULT})",
+    )
+    serve_cmd.add_argument(
+        "--streams-max",
+        type=int,
+        default=_env_int("LEDGER_STREAMS_MAX", CYCLE_STREAMS_MAX_DEFAULT),
+        help="CloseCycle/PreviewCycle streams open at once per process "
+        f"(env LEDGER_STREAMS_MAX; default {CYCLE_STREAMS_MAX_DEFAULT})",
+    )
+    serve_cmd.add_argument(
+        "--stream-idle-seconds",
+        type=float,
+        default=_env_float("LEDGER_STREAM_IDLE_SECONDS", STREAM_IDLE_SECONDS_DEFAULT),
+        help="a cycle stream silent this long is ended with DEADLINE_EXCEEDED "
+        f"(default {STREAM_IDLE_SECONDS_DEFAULT:g})",
+    )
+    serve_cmd.add_argument(
+        "--lock-timeout-seconds",
+        type=float,
+        default=_env_float("LEDGER_LOCK_TIMEOUT_SECONDS", LOCK_TIMEOUT_SECONDS_DEFAULT),
+        help="how long a database session waits for a lock "
+        f"(default {LOCK_TIMEOUT_SECONDS_DEFAULT:g})",
+    )
+    serve_cmd.add_argument(
+        "--statement-timeout-seconds",
+        type=float,
+        default=_env_float("LEDGER_STATEMENT_TIMEOUT_SECONDS", STATEMENT_TIMEOUT_SECONDS_DEFAULT),
+        help="how long one statement of the liquidation writer may run "
+        f"(default {STATEMENT_TIMEOUT_SECONDS_DEFAULT:g})",
+    )
+    serve_cmd.add_argument(
+        "--max-connection-age-seconds",
+        type=float,
+        default=_env_float("LEDGER_MAX_CONNECTION_AGE_SECONDS", CONNECTION_AGE_SECONDS_DEFAULT),
+        help="clients are asked to reconnect after this long, so that they spread over "
+        f"processes and hosts (default {CONNECTION_AGE_SECONDS_DEFAULT:g})",
+    )
+    serve_cmd.add_argument(
+        "--keepalive-seconds",
+        type=float,
+        default=_env_float("LEDGER_KEEPALIVE_SECONDS", KEEPALIVE_SECONDS_DEFAULT),
+        help="the server pings an idle connection this often "
+        f"(default {KEEPALIVE_SECONDS_DEFAULT:g})",
     )
     serve_cmd.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("LEDGER_WORKERS", "1")),
-        help="server processes sharing the port (env LEDGER_WORKERS; default 1)",
+        default=_env_int("LEDGER_WORKERS", 1),
+        help="server processes sharing the port (SO_REUSEPORT), for hosts with more cores "
+        "(env LEDGER_WORKERS; default 1)",
     )
     args = parser.parse_args(argv)
-    if args.batch_max < 1:
-        parser.error(f"--batch-max must be at least 1 (got {args.batch_max})")
-    if args.workers < 1:
-        parser.error(f"--workers must be at least 1 (got {args.workers})")
+    for name in ("batch_max", "pending_max", "streams_max", "workers", "threads"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be at least 1 (got {getattr(args, name)})")
+    for name in (
+        "stream_idle_seconds",
+        "lock_timeout_seconds",
+        "statement_timeout_seconds",
+        "max_connection_age_seconds",
+        "keepalive_seconds",
+    ):
+        if not getattr(args, name) > 0:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be greater than 0 (got {getattr(args, name)})")
     logging.basicConfig(
         level=os.environ.get("LEDGER_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -70,8 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         database_url=args.database_url,
         threads=args.threads,
         cycle_positions_max=args.cycle_positions_max,
-        group_commit=args.group_commit,
         batch_max=args.batch_max,
+        pending_max=args.pending_max,
+        streams_max=args.streams_max,
+        stream_idle_s=args.stream_idle_seconds,
+        lock_timeout_s=args.lock_timeout_seconds,
+        statement_timeout_s=args.statement_timeout_seconds,
+        max_connection_age_s=args.max_connection_age_seconds,
+        keepalive_s=args.keepalive_seconds,
         workers=args.workers,
     )
     return serve(settings)

@@ -1,39 +1,44 @@
 """The cycle close: cover the cycle's system loss from the fund and the profitable positions.
 
 The clearing system streams every position's profit for the cycle; the Rust core ranks, cuts
-and splits (ledger.alloc); this module reads the ledger's side of the inputs under the locks
-that keep them still, and writes the whole outcome in one transaction: the fund's cover, one
-ALLOCATION flow per allocated position, the uncovered rest, and the closed cycle's summary.
+and splits (ledger.alloc). This module reads what the allocation depends on (the cycle's
+loss, the fund, the policy), computes it with no lock held, and has the store write it
+(ledger.db.closes): the fund's cover, one ALLOCATION flow per allocated position, the
+uncovered rest and the closed cycle's summary, all or nothing, without holding up the
+currency's liquidations while the rows are written. If the loss, the policy or the fund
+moved meanwhile so that the allocation no longer holds, it is computed again; after
+CLOSE_ATTEMPTS_MAX tries the last one holds the currency's rows from the start.
+
+The close is the one use case that runs several transactions (see db/closes.py), so it is
+given the Database rather than a session.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ledger import journal, money
 from ledger.alloc import AllocationResult, CycleInputDecoder
 from ledger.currency import current_policy, get_currency
-from ledger.db import bulk, models
-from ledger.db.store import (
-    account_balance,
-    account_deltas,
-    apply_deltas,
-    insert_entries,
-    lock_account,
-    lock_system_loss,
-    now_us,
-)
+from ledger.db import bulk, closes, models
+from ledger.db.batch import BatchStatements
+from ledger.db.closes import Basis, ClosePlan
+from ledger.db.liquidations import cycle_loss_total
+from ledger.db.session import Database
+from ledger.db.store import account_balance, now_us
 from ledger.errors import AlreadyExists, InvalidArgument, NotFound
 from ledger.journal import INSURANCE_FUND, SYSTEM_LOSS, UNCOVERED_LOSS, EntryKind
 from ledger.limits import INT64_MAX
-from ledger.liquidation import loss_total as cycle_loss_total
 
-ReserveIds = Callable[[Session, int], int]
+log = logging.getLogger("ledger.cycle")
+
+CLOSE_ATTEMPTS_MAX = 3
 
 
 class CycleState(enum.IntEnum):
@@ -85,29 +90,80 @@ def check_currency(session: Session, key: CycleKey) -> None:
 
 
 def close(
-    session: Session,
+    database: Database,
     key: CycleKey,
     positions: CycleInputDecoder,
     input_digest: str,
-    reserve_ids: ReserveIds,
+    is_active: Callable[[], bool],
 ) -> CycleSummary:
     """Close the cycle, or return the summary of its earlier close with the same input.
 
-    Runs in the caller's write transaction. Locks the currency's system_loss row first (every
-    liquidation batch takes it too, so the loss total cannot move), then the fund's row.
+    `is_active` is asked between the steps of the write and before the commit: False (the
+    client went away) rolls the close back and raises Cancelled.
     """
+    for attempt in range(1, CLOSE_ATTEMPTS_MAX + 1):
+        try:
+            if attempt == CLOSE_ATTEMPTS_MAX:
+                return _close_holding_locks(database, key, positions, input_digest, is_active)
+            with database.read() as session:
+                basis = _basis(session, key)
+            if isinstance(basis, CycleSummary):
+                return _repeat(basis, input_digest)
+            plan, summary = _plan(key, basis, positions, input_digest)
+            closes.write(database, plan, is_active)
+            return summary
+        except closes.ClosedMeanwhile:
+            with database.read() as session:
+                stored = _stored(session, key)
+            assert stored is not None, "a close committed first, yet its cycle row is missing"
+            return _repeat(stored, input_digest)
+        except closes.Stale as stale:
+            log.info("close attempt %d computed again: %s", attempt, stale)
+    raise AssertionError("unreachable: the last attempt holds the locks")
+
+
+def _close_holding_locks(
+    database: Database,
+    key: CycleKey,
+    positions: CycleInputDecoder,
+    input_digest: str,
+    is_active: Callable[[], bool],
+) -> CycleSummary:
+    with database.write() as session:
+        closes.lock(BatchStatements.of_session(session), key.currency)
+        basis = _basis(session, key)
+        if isinstance(basis, CycleSummary):
+            return _repeat(basis, input_digest)
+        plan, summary = _plan(key, basis, positions, input_digest)
+        closes.write_holding_locks(database, session, plan, is_active)
+    return summary
+
+
+def _basis(session: Session, key: CycleKey) -> Basis | CycleSummary:
+    """What the allocation depends on now, or the stored summary of a closed cycle."""
     get_currency(session, key.currency)
-    lock_system_loss(session, [key.currency])
-    fund_balance = lock_account(session, key.currency, INSURANCE_FUND)
     stored = _stored(session, key)
     if stored is not None:
-        return _repeat(stored, input_digest)
-    loss = cycle_loss_total(session, key.currency, key.cycle_id)
+        return stored
+    db = BatchStatements.of_session(session)
     policy = current_policy(session, key.currency)
-    result = positions.allocate(loss, fund_balance, policy.insurance_share, policy.coverage_ratio)
+    return Basis(
+        loss_total=cycle_loss_total(db, key.currency, key.cycle_id),
+        fund_balance=account_balance(session, key.currency, INSURANCE_FUND),
+        policy_version=policy.version,
+        insurance_share=policy.insurance_share,
+        coverage_ratio=policy.coverage_ratio,
+    )
+
+
+def _plan(
+    key: CycleKey, basis: Basis, positions: CycleInputDecoder, input_digest: str
+) -> tuple[ClosePlan, CycleSummary]:
+    """The allocation (in Rust, with no lock held) and everything the close writes."""
+    policy_share, policy_coverage = basis.insurance_share, basis.coverage_ratio
+    result = positions.allocate(basis.loss_total, basis.fund_balance, policy_share, policy_coverage)
     _check_fits(result)
     closed_at = now_us()
-
     transfers = []
     if result.fund_paid > 0:
         transfers.append(
@@ -131,40 +187,32 @@ def close(
                 result.uncovered,
             )
         )
-    deltas = account_deltas(transfers)
-    if result.allocated_total > 0:  # the user side has no cached row (see models.Account)
-        credits, debits = deltas.get((key.currency, SYSTEM_LOSS), (0, 0))
-        deltas[(key.currency, SYSTEM_LOSS)] = (credits + result.allocated_total, debits)
-    apply_deltas(session, deltas)
-
-    allocations = result.allocation_count
-    first_id = reserve_ids(session, len(transfers) + allocations) if transfers or allocations else 0
     summary = _summary(
         key,
         CycleState.CLOSED,
-        loss,
-        fund_balance,
+        basis.loss_total,
+        basis.fund_balance,
         result,
         input_digest,
-        policy.insurance_share,
-        policy.coverage_ratio,
+        policy_share,
+        policy_coverage,
         closed_at,
     )
-    cycle_pk = session.execute(
-        insert(models.Cycle).returning(models.Cycle.id),
-        [_cycle_row(summary, policy.version, first_id + len(transfers))],
-    ).scalar_one()
-    insert_entries(session, first_id, transfers, closed_at)
-    bulk.write_allocations(
-        session,
-        cycle_pk,
-        first_id + len(transfers),
-        result.position_id,
-        result.account_id,
-        result.pnl,
-        result.amount,
+    plan = ClosePlan(
+        currency=key.currency,
+        cycle_id=key.cycle_id,
+        basis=basis,
+        fund_paid=result.fund_paid,
+        transfers=transfers,
+        allocated_total=result.allocated_total,
+        cycle_row=_cycle_row(summary, basis.policy_version),
+        closed_at_us=closed_at,
+        position_id=result.position_id,
+        account_id=result.account_id,
+        pnl=result.pnl,
+        amount=result.amount,
     )
-    return summary
+    return plan, summary
 
 
 def preview(
@@ -173,7 +221,7 @@ def preview(
     """The same computation over the ledger as it is now; writes nothing."""
     get_currency(session, key.currency)
     fund_balance = account_balance(session, key.currency, INSURANCE_FUND)
-    loss = cycle_loss_total(session, key.currency, key.cycle_id)
+    loss = cycle_loss_total(BatchStatements.of_session(session), key.currency, key.cycle_id)
     policy = current_policy(session, key.currency)
     result = positions.allocate(loss, fund_balance, policy.insurance_share, policy.coverage_ratio)
     _check_fits(result)
@@ -300,17 +348,8 @@ def _summary(
     )
 
 
-def _cycle_row(
-    summary: CycleSummary, policy_version: int, first_allocation_id: int
-) -> dict[str, object]:
-    row = {
-        name: getattr(summary, name)
-        for name in CycleSummary.__slots__
-        if name not in ("state", "closed_at_us")
-    }
-    row.update(
-        policy_version=policy_version,
-        allocation_first_entry_id=first_allocation_id,
-        closed_at_us=summary.closed_at_us,
-    )
+def _cycle_row(summary: CycleSummary, policy_version: int) -> dict[str, object]:
+    """The cycle row's columns but its id and allocation_first_entry_id (the store's)."""
+    row = {name: getattr(summary, name) for name in CycleSummary.__slots__ if name != "state"}
+    row["policy_version"] = policy_version
     return row

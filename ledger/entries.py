@@ -99,9 +99,10 @@ def _allocation_rows(
 ) -> list[StoredEntry]:
     """Allocation entries of one account (a user, or system_loss for all), newest first.
 
-    Cycles are visited newest first: a currency's closes are serialised, so a later cycle's
-    entry ids are all above an earlier one's. For a user each visit is one seek on the
-    allocations key (cycle, account, position).
+    Cycles are visited by their block of entry ids, newest first: each close takes one
+    block of consecutive ids, so a cycle visited later has all its ids below an earlier
+    one's. For a user each visit is one seek on the allocations key (cycle, account,
+    position).
     """
     user_id = user_account_id(account)
     if user_id is None and account != SYSTEM_LOSS:
@@ -110,7 +111,7 @@ def _allocation_rows(
     cycles = session.execute(
         select(cycle.id, cycle.cycle_id, cycle.closed_at_us)
         .where(cycle.currency == currency, cycle.allocation_first_entry_id < before)
-        .order_by(cycle.id.desc())
+        .order_by(cycle.allocation_first_entry_id.desc())
     )
     found: list[StoredEntry] = []
     for cycle_pk, cycle_id, closed_at_us in cycles:

@@ -29,8 +29,19 @@ class FailedPrecondition(LedgerError):
 
 
 class ResourceExhausted(LedgerError):
-    """A request above a configured limit (positions in a cycle)."""
+    """A request above a configured limit: positions in a cycle, liquidations waiting, open
+    cycle streams; the message says whether to retry."""
 
 
 class Unavailable(LedgerError):
-    """The database kept refusing a write (lost, restarting): nothing was written; retry."""
+    """The database kept refusing a write (lost, restarting, locked): nothing was written;
+    retry."""
+
+
+class DeadlineExceeded(LedgerError):
+    """The caller's deadline passed before the work was done (nothing of it was written), or
+    a stream stayed idle for too long."""
+
+
+class Cancelled(LedgerError):
+    """The caller went away before the work was done; nothing of it was written."""

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from ledger import journal, money
 from ledger.currency import get_currency
 from ledger.db import models
-from ledger.db.store import StoredEntry, load_entry, now_us, post
+from ledger.db.store import StoredEntry, load_entry, now_us, post_in
 from ledger.errors import AlreadyExists, InvalidArgument
 from ledger.idempotency import request_hash
 from ledger.journal import EXTERNAL, INSURANCE_FUND, EntryKind
@@ -64,7 +64,7 @@ def transfer_fund(
     entry = journal.transfer(kind, currency, transfer_id, debit, credit, amount, memo)
     try:
         with session.begin_nested():
-            (entry_id,) = post(session, [entry], now_us())
+            (entry_id,) = post_in(session, [entry], now_us())
             session.add(
                 models.Transfer(transfer_id=transfer_id, request_hash=digest, entry_id=entry_id)
             )

@@ -23,3 +23,20 @@ PAGE_SIZE_MAX = 1000
 
 SERVER_THREADS_DEFAULT = 32
 SHUTDOWN_GRACE_SECONDS = 30.0
+
+LIQUIDATIONS_PER_CALL_MAX = 10_000  # items of one RecordLiquidations call
+PENDING_LIQUIDATIONS_MAX_DEFAULT = 10_000  # items waiting for the writer, per process
+BATCH_ITEMS_MAX_DEFAULT = 10_000  # items one writer transaction takes (a larger call: alone)
+
+CYCLE_STREAMS_MAX_DEFAULT = 4  # CloseCycle/PreviewCycle streams open at once, per process
+STREAM_IDLE_SECONDS_DEFAULT = 60.0  # a cycle stream without a message this long is ended
+
+# Connections: clients are moved on (GOAWAY) after this age, so that they spread over the
+# --workers processes and the hosts behind a load balancer; streams open then may finish
+# within the grace (a 10M-position close takes about 15 s).
+CONNECTION_AGE_SECONDS_DEFAULT = 1800.0
+CONNECTION_AGE_GRACE_SECONDS = 300.0
+CONNECTION_IDLE_SECONDS = 900.0
+KEEPALIVE_SECONDS_DEFAULT = 60.0  # the server pings an idle connection this often
+KEEPALIVE_TIMEOUT_SECONDS = 20.0
+CLIENT_PING_INTERVAL_SECONDS_MIN = 10.0  # clients that ping more often are told to stop

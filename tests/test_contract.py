@@ -66,6 +66,14 @@ RPCS = [
         False,
         False,
     ),
+    (
+        "Clearing",
+        "RecordLiquidations",
+        "RecordLiquidationsRequest",
+        "RecordLiquidationsResponse",
+        False,
+        False,
+    ),
     # The table makes the request of the two cycle RPCs a stream of CycleInput.
     ("Clearing", "CloseCycle", "CycleInput", "CycleSummary", True, False),
     ("Clearing", "PreviewCycle", "CycleInput", "CycleSummary", True, False),
@@ -233,6 +241,13 @@ MESSAGES: dict[str, dict[str, object]] = {
         "close_price": STRING,
         "remaining_margin": MONEY,
     },
+    "RecordLiquidationsRequest": {"liquidations": "insurance.v1.RecordLiquidationRequest"},
+    "RecordLiquidationsResponse": {"outcomes": "insurance.v1.LiquidationOutcome"},
+    "LiquidationOutcome": {
+        "code": F.TYPE_UINT32,
+        "message": STRING,
+        "result": "insurance.v1.LiquidationResult",
+    },
     "GetFundRequest": {"currency": STRING},
     "GetCycleRequest": {"cycle_id": STRING, "currency": STRING},
     "StreamAllocationsRequest": {"cycle_id": STRING, "currency": STRING, "account_id": U64},
@@ -323,3 +338,26 @@ def test_a_serialised_contract_is_an_upsert_request() -> None:
         pb.CONTRACT_KIND_INVERSE,
         "100",
     )
+
+
+def test_record_liquidations_messages_are_exactly_the_issues() -> None:
+    """RecordLiquidations' messages, field numbers and all, as the transport issue fixes them."""
+
+    def shape(name: str) -> list[tuple[str, int, object, bool]]:
+        descriptor = pb.DESCRIPTOR.message_types_by_name[name]
+        return [
+            (f.name, f.number, _type_of(f), f.is_repeated)
+            for f in descriptor.fields
+        ]
+
+    assert shape("RecordLiquidationsRequest") == [
+        ("liquidations", 1, "insurance.v1.RecordLiquidationRequest", True)
+    ]
+    assert shape("RecordLiquidationsResponse") == [
+        ("outcomes", 1, "insurance.v1.LiquidationOutcome", True)
+    ]
+    assert shape("LiquidationOutcome") == [
+        ("code", 1, F.TYPE_UINT32, False),
+        ("message", 2, STRING, False),
+        ("result", 3, "insurance.v1.LiquidationResult", False),
+    ]

@@ -88,14 +88,12 @@ def ledger_serve(
 
 @contextmanager
 def database_lock(database_url: str) -> Iterator[None]:
-    """Hold the entry-id counter's row (and on SQLite the write lock) so that a posting call
-    stays in flight until the block ends."""
+    """Hold every account row (and on SQLite the write lock) so that a posting call stays in
+    flight until the block ends."""
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
-            conn.execute(
-                text("UPDATE counters SET next_value = next_value WHERE name = 'entry_id'")
-            )
+            conn.execute(text("UPDATE accounts SET balance = balance"))
             yield
             conn.rollback()
     finally:

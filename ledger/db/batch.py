@@ -1,5 +1,4 @@
-"""The statements of a write batch, sent straight through the driver in as few round trips as
-the backend allows.
+"""SQL sent straight through the driver, in as few round trips as the backend allows.
 
 On PostgreSQL a batch's reads are one or two statements in one pipeline, and its writes one
 statement of data-modifying WITH clauses; keys go as one array (`= ANY(%s)`) and rows as one
@@ -7,8 +6,10 @@ JSON array, so the SQL text does not vary with the batch size and the server reu
 prepared plan. On SQLite, in-process, the same statements simply run one after the other
 (IN lists, executemany).
 
-A group commit's single writer runs these for every batch while the calls wait for it:
-SQLAlchemy's execution path costs tens of microseconds a statement, the driver's a few.
+The liquidation writer runs these for every batch while the calls wait for it: SQLAlchemy's
+execution path costs tens of microseconds a statement, the driver's a few. The other writers
+(fund transfers, the cycle close) use the same statements on their session's connection, so
+that each rule of the store is written once.
 """
 
 from __future__ import annotations
@@ -20,16 +21,38 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import BigInteger, Integer, SmallInteger, Table
+from sqlalchemy import BigInteger, Boolean, Integer, SmallInteger, Table
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 # What the drivers raise from statements sent straight through them (SQLAlchemy wraps the
 # same errors in DBAPIError only on its own execution path): a conflict with a concurrent
-# writer, a lock timeout, a lost connection; the batch is worth running again.
+# writer, a lock or statement timeout, a lost connection; the batch is worth running again.
 DRIVER_ERRORS: tuple[type[Exception], ...] = (DBAPIError, sqlite3.Error, psycopg.Error)
 
 IN_LIST_MAX = 500  # keys per SQLite IN (...) list, well under its parameter limit
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A query of select_together: `sql` holds `{}` where the key condition goes when `keys`
+    is given (`IN (…)` on SQLite, `= ANY(?)` on PostgreSQL); `params` fill the `?` placed
+    before it."""
+
+    sql: str
+    keys: Iterable[Any] | None = None
+    params: Sequence[Any] = ()
+
+
+Statement = tuple[str, Sequence[Any]]  # SQL with `?` placeholders, and its parameters
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """Rows holding every column of `table`, in the table's column order."""
+
+    table: Table
+    rows: Sequence[Sequence[Any]]
 
 
 class BatchStatements:
@@ -60,24 +83,29 @@ class BatchStatements:
         cursor.execute(sql, params)
         return cursor
 
+    def rows(self, query: Query) -> list[tuple[Any, ...]]:
+        """The rows of one query, on its own round trip."""
+        return self.select_together([query])[0]
+
     def select_together(self, *statements: Sequence[Query]) -> list[list[tuple[Any, ...]]]:
         """The rows of each query of each statement, in order: on PostgreSQL the statements of
         pg_select in one pipeline, on SQLite each query on its own (chunked IN lists)."""
         if self.is_sqlite:
-            return [self._sqlite_rows(sql, keys) for queries in statements for sql, keys in queries]
-        with self._dbapi.pipeline():
+            return [self._sqlite_rows(query) for queries in statements for query in queries]
+        with self._dbapi.pipeline():  # with the transaction's BEGIN: one round trip
             cursors = [self.execute(*pg_select(queries)) for queries in statements]
         return [column for cursor in cursors for column in pg_columns(cursor.fetchone())]
 
-    def _sqlite_rows(self, sql: str, keys: Iterable[Any] | None) -> list[tuple[Any, ...]]:
-        if keys is None:
-            return list(self.execute(sql).fetchall())
-        ordered = sorted(set(keys))
+    def _sqlite_rows(self, query: Query) -> list[tuple[Any, ...]]:
+        if query.keys is None:
+            return list(self.execute(query.sql, query.params).fetchall())
+        ordered = sorted(set(query.keys))
         rows: list[tuple[Any, ...]] = []
         for start in range(0, len(ordered), IN_LIST_MAX):
             chunk = ordered[start : start + IN_LIST_MAX]
             condition = "IN (" + ", ".join(["?"] * len(chunk)) + ")"
-            rows.extend(self.execute(sql.format(condition), chunk).fetchall())
+            sql = query.sql.format(condition)
+            rows.extend(self.execute(sql, [*query.params, *chunk]).fetchall())
         return rows
 
     def write_together(self, statements: Sequence[Statement | Insert]) -> None:
@@ -109,11 +137,6 @@ class BatchStatements:
             self._dbapi.execute("COMMIT")
 
 
-# A query of select_together: SQL with one `{}` for the key condition (`IN (…)` on SQLite,
-# `= ANY(?)` on PostgreSQL) and its keys, or keys None for a query without one.
-Query = tuple[str, Iterable[Any] | None]
-
-
 def pg_select(queries: Sequence[Query]) -> tuple[str, list[Any]]:
     """One PostgreSQL statement whose columns are the queries, each aggregated to a JSON array.
 
@@ -124,11 +147,14 @@ def pg_select(queries: Sequence[Query]) -> tuple[str, list[Any]]:
     A query's rows come back as JSON objects, read in column order: its column names must
     be distinct.
     """
-    columns, params = [], []
-    for sql, keys in queries:
-        if keys is not None:
+    columns: list[str] = []
+    params: list[Any] = []
+    for query in queries:
+        sql = query.sql
+        params.extend(query.params)
+        if query.keys is not None:
             sql = sql.format("= ANY(?)")
-            params.append(sorted(set(keys)))
+            params.append(sorted(set(query.keys)))
         columns.append(f"(SELECT coalesce(json_agg(t), '[]') FROM ({sql}) t)")
     return "SELECT " + ", ".join(columns), params
 
@@ -165,18 +191,9 @@ def _pg_insert(insert: Insert) -> Statement:
     return sql, [json.dumps(insert.rows)]
 
 
-Statement = tuple[str, Sequence[Any]]  # SQL with `?` placeholders, and its parameters
-
-
-@dataclass(frozen=True, slots=True)
-class Insert:
-    """Rows holding every column of `table`, in the table's column order."""
-
-    table: Table
-    rows: Sequence[Sequence[Any]]
-
-
 def _pg_type(column_type: Any) -> str:
+    if isinstance(column_type, Boolean):
+        return "boolean"
     if isinstance(column_type, SmallInteger):
         return "smallint"
     if isinstance(column_type, BigInteger):

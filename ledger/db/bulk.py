@@ -7,7 +7,7 @@ No ORM object is made per row.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
@@ -19,7 +19,10 @@ from sqlalchemy.orm import Session
 
 from ledger.db.u64 import to_signed
 
-ROWS_PER_WRITE = 1 << 17  # rows per COPY block / executemany call: bounds memory, lets work overlap
+ROWS_PER_WRITE = 1 << 17  # rows per COPY block: bounds memory, lets work overlap
+# Rows per executemany on SQLite: between two of them a long writer lets waiting writers in
+# (see cycle close), so this bounds how long a liquidation waits behind it.
+SQLITE_ROWS_PER_STEP = 1 << 14
 _PG_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 _PG_COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 _COLUMNS = ("cycle_pk", "account_id", "position_id", "pnl", "amount", "entry_id")
@@ -29,40 +32,9 @@ _PG_ROW = np.dtype(
 )
 
 
-def write_allocations(
-    session: Session,
-    cycle_pk: int,
-    first_entry_id: int,
-    position_id: npt.NDArray[np.uint64],
-    account_id: npt.NDArray[np.uint64],
-    pnl: npt.NDArray[np.int64],
-    amount: npt.NDArray[np.int64],
-) -> None:
-    """Append one cycle's allocations, given in position order: entry ids are
-    first_entry_id + rank, and the rows go in sorted by the table's key (see models.Allocation).
-    """
-    count = len(amount)
-    if count == 0:
-        return
-    accounts = account_id.view(np.int64)
-    order = np.argsort(accounts, kind="stable")  # within an account, still position order
-    rows = _Rows(
-        cycle_pk,
-        accounts[order],
-        position_id.view(np.int64)[order],
-        pnl[order],
-        amount[order],
-        order.astype(np.int64) + first_entry_id,
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        _copy_in(_driver_connection(session), rows)
-    else:
-        _execute_many(_driver_connection(session), rows)
-
-
 @dataclass(frozen=True, slots=True)
-class _Rows:
-    """Allocation rows in key order, as the int64 columns of the table."""
+class AllocationRows:
+    """A cycle's allocation rows in the table's key order, as its int64 columns."""
 
     cycle_pk: int
     account_id: npt.NDArray[np.int64]
@@ -75,13 +47,40 @@ class _Rows:
         return len(self.amount)
 
 
-def _execute_many(connection: Any, rows: _Rows) -> None:
-    """executemany in chunks; the next chunk's Python ints are made on another thread while
-    SQLite steps through this one (the driver lets go of the GIL while it steps)."""
+def allocation_rows(
+    cycle_pk: int,
+    first_entry_id: int,
+    position_id: npt.NDArray[np.uint64],
+    account_id: npt.NDArray[np.uint64],
+    pnl: npt.NDArray[np.int64],
+    amount: npt.NDArray[np.int64],
+) -> AllocationRows:
+    """One cycle's allocations, given in position order, as rows sorted by the table's key
+    (see models.Allocation); entry ids are first_entry_id + rank by position."""
+    accounts = account_id.view(np.int64)
+    order = np.argsort(accounts, kind="stable")  # within an account, still position order
+    return AllocationRows(
+        cycle_pk,
+        accounts[order],
+        position_id.view(np.int64)[order],
+        pnl[order],
+        amount[order],
+        order.astype(np.int64) + first_entry_id,
+    )
+
+
+def insert_allocations(
+    connection: Any, rows: AllocationRows, between: Callable[[], None] = lambda: None
+) -> None:
+    """SQLite: executemany in steps of SQLITE_ROWS_PER_STEP rows, calling `between` after
+    each; the next step's Python ints are made on another thread while SQLite steps through
+    this one (the driver lets go of the GIL while it steps)."""
+    if not len(rows):
+        return
     insert = f"INSERT INTO allocations ({', '.join(_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)"
 
     def params(start: int) -> list[tuple[int, ...]]:
-        stop = min(start + ROWS_PER_WRITE, len(rows))
+        stop = min(start + SQLITE_ROWS_PER_STEP, len(rows))
         return list(
             zip(
                 repeat(rows.cycle_pk, stop - start),
@@ -94,22 +93,27 @@ def _execute_many(connection: Any, rows: _Rows) -> None:
             )
         )
 
-    starts = range(0, len(rows), ROWS_PER_WRITE)
-    cursor = connection.cursor()
+    starts = range(0, len(rows), SQLITE_ROWS_PER_STEP)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-params") as pool:
-        try:
-            pending = pool.submit(params, starts[0])
-            for following in [*starts[1:], None]:
-                batch = pending.result()
-                if following is not None:
-                    pending = pool.submit(params, following)
+        pending = pool.submit(params, starts[0])
+        for following in [*starts[1:], None]:
+            batch = pending.result()
+            if following is not None:
+                pending = pool.submit(params, following)
+            cursor = connection.cursor()
+            try:
                 cursor.executemany(insert, batch)
-                del batch
-        finally:
-            cursor.close()
+            finally:
+                cursor.close()
+            del batch
+            if following is not None:
+                between()
 
 
-def _copy_in(connection: Any, rows: _Rows) -> None:
+def copy_allocations(connection: Any, rows: AllocationRows) -> None:
+    """PostgreSQL: the rows as one binary COPY, laid out by numpy a block at a time."""
+    if not len(rows):
+        return
     with (
         connection.cursor() as cursor,
         cursor.copy(f"COPY allocations ({', '.join(_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy,
@@ -128,7 +132,16 @@ def _copy_in(connection: Any, rows: _Rows) -> None:
         copy.write(_PG_COPY_TRAILER)
 
 
-def _driver_connection(session: Session) -> Any:
+def write_allocations(session: Session, rows: AllocationRows) -> None:
+    """Append the rows in the session's transaction by the backend's fastest path."""
+    connection = driver_connection(session)
+    if session.get_bind().dialect.name == "postgresql":
+        copy_allocations(connection, rows)
+    else:
+        insert_allocations(connection, rows)
+
+
+def driver_connection(session: Session) -> Any:
     """The driver's own connection (psycopg or sqlite3) of the session's transaction."""
     connection = session.connection().connection.driver_connection
     assert connection is not None
@@ -171,7 +184,7 @@ def read_allocations(
     if account_id is not None:
         where += f" AND account_id = {int(to_signed(account_id))}"
     query = f"SELECT {_READ_COLUMNS} FROM allocations WHERE {where}"
-    connection = _driver_connection(session)
+    connection = driver_connection(session)
     if session.get_bind().dialect.name == "postgresql":
         table = _copy_out(connection, query)
     else:

@@ -90,7 +90,9 @@ class Contract(Base):
 
 
 class Counter(Base):
-    """Id blocks: entry ids come from one counter so journal and allocation rows never clash."""
+    """SQLite's entry ids: one counter, so journal and allocation rows never clash (SQLite has
+    one writer at a time anyway). PostgreSQL takes them from the sequence `entry_ids`, so
+    that writers of different currencies share no hot row."""
 
     __tablename__ = "counters"
 
@@ -218,3 +220,24 @@ class Allocation(Base):
     pnl: Mapped[int] = mapped_column(BigInteger)
     amount: Mapped[int] = mapped_column(BigInteger)
     entry_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class CloseAttempt(Base):
+    """A cycle close on SQLite whose allocation rows are being written, in transactions that
+    let other writers in between (SQLite has one writer at a time); its id is the cycle_pk of
+    those rows, which count only once the cycle row with that id exists. The close's last
+    transaction writes the cycle row and removes this one; an attempt left behind (its
+    process died, its lease is free) has its rows removed at the next start. PostgreSQL
+    writes a close in one transaction that takes the currency's rows only at its end, and
+    leaves this table empty.
+    """
+
+    __tablename__ = "close_attempts"
+    __table_args__ = ({"sqlite_autoincrement": True},)  # ids never reused: they name rows
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"))
+    cycle_id: Mapped[str] = mapped_column(String(128))
+    started_at_us: Mapped[int] = mapped_column(BigInteger)

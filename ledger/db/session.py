@@ -3,24 +3,43 @@
 SQLite runs in WAL mode with synchronous=FULL (a commit is durable before the reply) and every
 write transaction starts with BEGIN IMMEDIATE, so writers queue on the database lock instead of
 failing on an upgrade from a read lock. PostgreSQL runs at READ COMMITTED; rows that guard a
-rule (an account's balance, the id counter) are locked by the UPDATE that changes them.
+rule (an account's balance) are locked by the writer that moves them (see db/store.py).
+
+Every session waits at most `lock_timeout_s` for a lock (PostgreSQL's lock_timeout; on SQLite
+the write gate and busy_timeout), and the liquidation writer's statements are cut off after
+`statement_timeout_s` (PostgreSQL's statement_timeout; on SQLite a progress handler), so a
+stuck database turns into a retryable UNAVAILABLE instead of calls that hang.
 """
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-SQLITE_BUSY_TIMEOUT_MS = 60_000
+from ledger.db.batch import BatchStatements, Insert, Statement
+from ledger.errors import Unavailable
+
 DEFAULT_SQLITE_FILE = "ledger.db"
+LOCK_TIMEOUT_SECONDS_DEFAULT = 5.0
+STATEMENT_TIMEOUT_SECONDS_DEFAULT = 30.0
+# The pool's sessions also serve bulk statements (a cycle's allocation rows, VerifyLedger);
+# their statement timeout is only a backstop against a runaway statement.
+BULK_STATEMENT_TIMEOUT_SECONDS = 600.0
+WRITER_CONNECT_TIMEOUT_SECONDS = 10
+_HANDOVER_WAIT_SECONDS = 0.05  # at most, for another process's writer to take its turn
+_SQLITE_PROGRESS_STEPS = 10_000  # VM instructions between two looks at the statement deadline
 
 
 def default_database_url() -> str:
@@ -30,17 +49,36 @@ def default_database_url() -> str:
 class Database:
     """One engine per process and the sessions made from it."""
 
-    def __init__(self, url: str, *, pool_size: int = 16) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 16,
+        lock_timeout_s: float = LOCK_TIMEOUT_SECONDS_DEFAULT,
+        statement_timeout_s: float = STATEMENT_TIMEOUT_SECONDS_DEFAULT,
+    ) -> None:
         parsed = make_url(url)
         self.url = url
         self.backend = parsed.get_backend_name()
+        self.lock_timeout_s = lock_timeout_s
+        self.statement_timeout_s = statement_timeout_s
         if self.backend == "sqlite":
-            self.engine = _sqlite_engine(url)
+            self.engine = _sqlite_engine(url, lock_timeout_s)
         elif self.backend == "postgresql":
             if parsed.get_driver_name() != "psycopg":
                 raise ValueError(f"database URL {url!r}: use postgresql+psycopg://")
             self.engine = create_engine(
-                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+                url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=True,
+                connect_args={
+                    "options": _pg_options(
+                        parsed.query.get("options"),
+                        lock_timeout_s,
+                        BULK_STATEMENT_TIMEOUT_SECONDS,
+                    )
+                },
             )
         else:
             raise ValueError(f"database URL {url!r}: only sqlite:/// and postgresql+psycopg://")
@@ -51,6 +89,14 @@ class Database:
     def is_sqlite(self) -> bool:
         return self.backend == "sqlite"
 
+    @property
+    def path(self) -> str | None:
+        """The SQLite file (None for PostgreSQL or an in-memory database)."""
+        database = make_url(self.url).database
+        if not self.is_sqlite or not database or database == ":memory:":
+            return None
+        return database
+
     @contextmanager
     def write(self) -> Iterator[Session]:
         """One write transaction: commits on success, rolls back on any exception."""
@@ -58,18 +104,22 @@ class Database:
             with self._sessions() as session, session.begin():
                 yield session
             return
-        with self._write_gate, self._sessions() as session, session.begin():
+        with (
+            self._write_gate.held(self.lock_timeout_s),
+            self._sessions() as session,
+            session.begin(),
+        ):
             session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
             yield session
 
     @contextmanager
     def writers_excluded(self) -> Iterator[None]:
         """Hold the SQLite write gate (all writers of this file, in every process) without a
-        transaction; on PostgreSQL a no-op (its writers are ordered by row and advisory locks)."""
+        transaction and without a time limit (migrations); on PostgreSQL a no-op."""
         if self._write_gate is None:
             yield
             return
-        with self._write_gate:
+        with self._write_gate.held(None):
             yield
 
     @contextmanager
@@ -78,40 +128,122 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
+    def writer_connection(self) -> WriterConnection:
+        """A connection of the liquidation writer's own (not from the pool)."""
+        if self._write_gate is not None:
+            return SqliteWriter(self)
+        return PostgresWriter(self)
+
     def dispose(self) -> None:
         self.engine.dispose()
         if self._write_gate is not None:
             self._write_gate.close()
 
 
-class SqliteWriter:
-    """The SQLite connection of a group commit's writer thread: its own raw connection (with
-    the engine's pragmas), whose transactions take the write gate shared with every other
-    writer of the file, as Database.write() does. Duck-typed like a psycopg connection for
-    the BatchWriter: rollback() and close()."""
+class WriterConnection:
+    """A writer's own connection: begin() opens a transaction and gives its statements,
+    commit() runs the writes and commits durably, rollback() ends it without a trace."""
+
+    def begin(self) -> BatchStatements:
+        raise NotImplementedError
+
+    def commit(self, writes: Sequence[Statement | Insert]) -> None:
+        raise NotImplementedError
+
+    def rollback(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class PostgresWriter(WriterConnection):
+    """A raw psycopg connection. Custom plans only: the driver prepares the batch's
+    statements, and a generic plan made while `liquidations` was small (a fresh database,
+    before autoanalyze) scans the whole table for earlier uses of the ids, every batch, as
+    the table grows; measured, half the throughput. A custom plan sees the table's size."""
 
     def __init__(self, database: Database) -> None:
+        url = make_url(database.url).set(drivername="postgresql")
+        params = conninfo_to_dict(url.render_as_string(hide_password=False))
+        params["options"] = " ".join(
+            [
+                _pg_options(
+                    str(params.get("options") or ""),
+                    database.lock_timeout_s,
+                    database.statement_timeout_s,
+                ),
+                "-c plan_cache_mode=force_custom_plan",
+            ]
+        )
+        params.setdefault("connect_timeout", WRITER_CONNECT_TIMEOUT_SECONDS)
+        self._connection: psycopg.Connection[Any] = psycopg.connect(make_conninfo("", **params))
+        self._db = BatchStatements(self._connection, is_sqlite=False)
+
+    def begin(self) -> BatchStatements:
+        return self._db  # psycopg opens the transaction with the first statement
+
+    def commit(self, writes: Sequence[Statement | Insert]) -> None:
+        self._db.write_and_commit(writes)
+
+    def rollback(self) -> None:
+        self._connection.rollback()
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+class SqliteWriter(WriterConnection):
+    """A raw sqlite3 connection (with the engine's pragmas), whose transactions take the
+    write gate shared with every other writer of the file, as Database.write() does."""
+
+    def __init__(self, database: Database, *, statement_timeout_s: float | None = None) -> None:
         assert database._write_gate is not None, "SQLite only"
         self._gate = database._write_gate
+        self._lock_timeout_s = database.lock_timeout_s
+        self._statement_timeout_s = statement_timeout_s or database.statement_timeout_s
         self._raw = database.engine.raw_connection()
-        self.dbapi_connection: Any = self._raw.dbapi_connection
+        connection: Any = self._raw.dbapi_connection
+        self.dbapi_connection = connection
+        self._db = BatchStatements(connection, is_sqlite=True)
         self._gate_held = False
+        self._deadline = float("inf")
+        connection.set_progress_handler(self._past_deadline, _SQLITE_PROGRESS_STEPS)
 
-    def begin(self) -> None:
-        self._gate.__enter__()
+    def _past_deadline(self) -> int:
+        """SQLite's statement timeout: a non-zero answer interrupts the statement."""
+        return 1 if time.monotonic() > self._deadline else 0
+
+    def begin(self) -> BatchStatements:
+        self._gate.acquire(self._lock_timeout_s)
         self._gate_held = True
         try:
+            self._deadline = time.monotonic() + self._statement_timeout_s
             self.dbapi_connection.execute("BEGIN IMMEDIATE")
         except BaseException:
             self._release()
             raise
+        return self._db
 
-    def commit(self) -> None:
+    def commit(self, writes: Sequence[Statement | Insert]) -> None:
+        self._db.write_together(writes)
         try:
             self.dbapi_connection.execute("COMMIT")
         finally:
             if not self.dbapi_connection.in_transaction:  # else rollback() ends it
                 self._release()
+
+    def others_waiting(self) -> bool:
+        """Whether another writer waits for the database (see handover)."""
+        return self._gate.others_waiting()
+
+    def handover(self) -> None:
+        """Commit what the transaction has written, let the writers waiting go first, then
+        begin again: how a long writer keeps from stalling the others."""
+        self.dbapi_connection.execute("COMMIT")
+        self._release()
+        self._gate.let_others_in()
+        self.begin()
 
     def rollback(self) -> None:
         try:
@@ -125,46 +257,161 @@ class SqliteWriter:
         self._raw.close()
 
     def _release(self) -> None:
+        self._deadline = float("inf")
         if self._gate_held:
             self._gate_held = False
-            self._gate.__exit__()
+            self._gate.release()
+
+
+class LockTimeout(Unavailable):
+    """The SQLite write gate stayed taken for longer than the lock timeout."""
 
 
 class _WriteGate:
-    """SQLite has one writer at a time. Waiting writers queue here, on a thread lock and an
-    advisory lock on `<database>.write-lock` (other processes on the same file), and are woken
-    the moment the writer before them is done, instead of polling in SQLite's busy handler
-    with sleeps of up to 100 ms. BEGIN IMMEDIATE and busy_timeout stay as the backstop for
-    writers outside this gate."""
+    """SQLite has one writer at a time. Writers of this process queue here in arrival order,
+    then on an advisory lock on `<database>.write-lock` (other processes on the same file),
+    and are woken the moment the writer before them is done, instead of polling in SQLite's
+    busy handler with sleeps of up to 100 ms. BEGIN IMMEDIATE and busy_timeout stay as the
+    backstop for writers outside this gate.
+
+    A long writer (the cycle close) asks `others_waiting()` between two pieces of its work
+    and lets them in: this process's waiters are in the queue, and another process's waiter
+    holds a shared lock on `<database>.write-wait` while it waits.
+    """
 
     def __init__(self, database_path: str | None) -> None:
-        self._thread_lock = threading.Lock()
-        self._fd: int | None = None
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+        self._held = False
+        self._lock_fd: int | None = None
+        self._wait_fd: int | None = None
+        self._probe_fd: int | None = None
         if database_path and database_path != ":memory:":
-            self._fd = os.open(f"{database_path}.write-lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fd = os.open(f"{database_path}.write-lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self._wait_fd = os.open(f"{database_path}.write-wait", os.O_RDWR | os.O_CREAT, 0o644)
+            self._probe_fd = os.open(f"{database_path}.write-wait", os.O_RDWR)
 
-    def __enter__(self) -> None:
-        self._thread_lock.acquire()
-        if self._fd is not None:
+    def acquire(self, timeout_s: float | None) -> None:
+        """Wait at most timeout_s (None: for as long as it takes); LockTimeout past it."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        token = object()
+        with self._cond:
+            self._queue.append(token)
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                while self._held or self._queue[0] is not token:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise LockTimeout(_locked_message(timeout_s))
+                    self._cond.wait(remaining)
             except BaseException:
-                self._thread_lock.release()
+                self._queue.remove(token)
+                self._cond.notify_all()
                 raise
+            self._queue.popleft()
+            self._held = True
+        try:
+            self._lock_file(deadline, timeout_s)
+        except BaseException:
+            self._release_local()
+            raise
 
-    def __exit__(self, *_exc: object) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._thread_lock.release()
+    def _lock_file(self, deadline: float | None, timeout_s: float | None) -> None:
+        if self._lock_fd is None or self._wait_fd is None:
+            return
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        fcntl.flock(self._wait_fd, fcntl.LOCK_SH)  # another process's writer: say we wait
+        try:
+            if deadline is None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                return
+            pause = 0.0005
+            while True:  # flock has no timeout of its own
+                try:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LockTimeout(_locked_message(timeout_s)) from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.01)
+        finally:
+            fcntl.flock(self._wait_fd, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self._release_local()
+
+    def _release_local(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    def let_others_in(self) -> None:
+        """Just released: give another process's waiter the moment it needs to take the
+        file lock (this process's waiters are ahead in the queue anyway)."""
+        deadline = time.monotonic() + _HANDOVER_WAIT_SECONDS
+        while self._remote_waiting() and time.monotonic() < deadline:
+            time.sleep(0.0002)
+
+    def others_waiting(self) -> bool:
+        """Whether another writer, of this process or another, waits for the gate."""
+        with self._cond:
+            if self._queue:
+                return True
+        return self._remote_waiting()
+
+    def _remote_waiting(self) -> bool:
+        if self._probe_fd is None:
+            return False
+        try:
+            fcntl.flock(self._probe_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._probe_fd, fcntl.LOCK_UN)
+        return False
+
+    @contextmanager
+    def held(self, timeout_s: float | None) -> Iterator[None]:
+        self.acquire(timeout_s)
+        try:
+            yield
+        finally:
+            self.release()
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for name in ("_lock_fd", "_wait_fd", "_probe_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
 
-def _sqlite_engine(url: str) -> Engine:
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+def _locked_message(timeout_s: float | None) -> str:
+    return (
+        f"the database stayed locked by another writer for more than {timeout_s} s; "
+        "nothing was written, try again"
+    )
+
+
+def _pg_options(existing: object, lock_timeout_s: float, statement_timeout_s: float) -> str:
+    """The URL's own options (a search_path, say) and the timeouts, in milliseconds."""
+    timeouts = (
+        f"-c lock_timeout={int(lock_timeout_s * 1000)}"
+        f" -c statement_timeout={int(statement_timeout_s * 1000)}"
+    )
+    return " ".join(filter(None, [str(existing or ""), timeouts]))
+
+
+def _sqlite_engine(url: str, lock_timeout_s: float) -> Engine:
+    engine = create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": max(lock_timeout_s, 1.0)}
+    )
+    busy_timeout_ms = int(max(lock_timeout_s, 1.0) * 1000)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -172,7 +419,7 @@ def _sqlite_engine(url: str) -> Engine:
         # "Serializable isolation / Savepoints / Transactional DDL" for pysqlite).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")

@@ -1,21 +1,33 @@
-"""Writing and reading the journal: id blocks, entries, and the cached account totals.
+"""The journal's rules as every writer applies them: the lock order, an account's bounds, how
+entry ids are reserved, and how entries are appended.
 
-Domain modules call these with the session of the current unit of work; nothing here commits.
+Each rule is written once, here, and used by every writer: the liquidation batches, fund
+transfers and the cycle close. Domain modules call these inside the caller's transaction;
+nothing here commits.
+
+- Lock order: a writer locks every system account row it will move in one statement, in one
+  order (system_loss rows first, then the other accounts by currency and name), before it
+  reads anything the rows guard; so two writers never wait on each other in a cycle, and a
+  liquidation either lands before a close reads the cycle's loss or sees the cycle closed.
+- Bounds: a balance and both running totals stay within int64, and the insurance fund never
+  goes below zero. The locked rows are moved in memory (AccountState.move) and written back.
+- Entry ids: on PostgreSQL from the sequence `entry_ids`, so that writers of different
+  currencies share no hot row; a cycle close takes a consecutive block for its allocation
+  rows. On SQLite (one writer at a time anyway) from the `counters` row.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NoReturn
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ledger.db import models
-from ledger.errors import FailedPrecondition, InvalidArgument, NotFound
+from ledger.db.batch import BatchStatements, Insert, Query, Statement
+from ledger.errors import FailedPrecondition, InvalidArgument, LedgerError, NotFound
 from ledger.journal import (
     NON_NEGATIVE_ACCOUNTS,
     SYSTEM_ACCOUNTS,
@@ -31,39 +43,275 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-# Statements built once against the tables (Core, not ORM: no identity map to keep in step,
-# and SQLAlchemy reuses the compiled form without rebuilding the expression per call).
-_ACCOUNTS = models.Base.metadata.tables["accounts"]
-_COUNTERS = models.Base.metadata.tables["counters"]
+ENTRIES = models.Base.metadata.tables["entries"]
 
-_RESERVE_IDS = (
-    update(_COUNTERS)
-    .where(_COUNTERS.c.name == "entry_id")
-    .values(next_value=_COUNTERS.c.next_value + bindparam("count"))
-    .returning(_COUNTERS.c.next_value)
+# --- the lock order -----------------------------------------------------------------------
+
+_LOCK_ACCOUNTS = (
+    "SELECT currency, name, balance, credit_total, debit_total FROM accounts"
+    " WHERE name IN ({names}) AND currency {{}}"
+    f" ORDER BY CASE WHEN name = '{SYSTEM_LOSS}' THEN 0 ELSE 1 END, currency, name"
 )
 
-# Every bound is rearranged so that no intermediate value can overflow on either backend.
-_MOVE = (
-    update(_ACCOUNTS)
-    .where(_ACCOUNTS.c.currency == bindparam("b_currency"), _ACCOUNTS.c.name == bindparam("b_name"))
-    .where(_ACCOUNTS.c.credit_total <= bindparam("credit_room"))
-    .where(_ACCOUNTS.c.debit_total <= bindparam("debit_room"))
-    .values(
-        balance=_ACCOUNTS.c.balance + bindparam("delta"),
-        credit_total=_ACCOUNTS.c.credit_total + bindparam("credits"),
-        debit_total=_ACCOUNTS.c.debit_total + bindparam("debits"),
+
+def lock_accounts_query(db: BatchStatements, names: Sequence[str], currencies: Query) -> Query:
+    """The query that locks these accounts of the currencies in the lock order.
+
+    `currencies` gives the currency condition as a query whose `{}` is the key condition
+    (`SELECT margin_currency FROM contracts WHERE symbol {}`, say) or, with sql "", the
+    currency codes themselves as its keys.
+    """
+    assert set(names) <= set(SYSTEM_ACCOUNTS), names
+    quoted = ", ".join(f"'{name}'" for name in sorted(names))
+    sql = _LOCK_ACCOUNTS.format(names=quoted)
+    if currencies.sql:
+        sql = sql.format(f"IN ({currencies.sql})")
+    return Query(sql + db.for_update, currencies.keys, currencies.params)
+
+
+def currency_keys(codes: Iterable[str]) -> Query:
+    return Query("", codes)
+
+
+# --- bounds -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AccountState:
+    """A system account row as locked by a writer, moved in memory until it is written back."""
+
+    currency: str
+    name: str
+    balance: int
+    credit_total: int
+    debit_total: int
+    moved: bool = False
+
+    @property
+    def floor(self) -> int:
+        return 0 if self.name in NON_NEGATIVE_ACCOUNTS else INT64_MIN
+
+    def fits(self, credits: int, debits: int) -> bool:
+        balance = self.balance + credits - debits
+        return (
+            self.floor <= balance <= INT64_MAX
+            and self.credit_total + credits <= INT64_MAX
+            and self.debit_total + debits <= INT64_MAX
+        )
+
+    def apply(self, credits: int, debits: int) -> None:
+        self.balance += credits - debits
+        self.credit_total += credits
+        self.debit_total += debits
+        self.moved = True
+
+
+Accounts = dict[tuple[str, str], AccountState]
+
+
+def accounts_of(rows: Iterable[Sequence[object]]) -> Accounts:
+    """The rows of a lock_accounts_query."""
+    accounts: Accounts = {}
+    for currency, name, balance, credits, debits in rows:
+        state = AccountState(
+            str(currency),
+            str(name),
+            int(balance),  # type: ignore[call-overload]
+            int(credits),  # type: ignore[call-overload]
+            int(debits),  # type: ignore[call-overload]
+        )
+        accounts[(state.currency, state.name)] = state
+    return accounts
+
+
+def lock_accounts(db: BatchStatements, names: Sequence[str], currencies: Query) -> Accounts:
+    return accounts_of(db.rows(lock_accounts_query(db, names, currencies)))
+
+
+def move(accounts: Accounts, transfer: Transfer, *, field: str = "amount") -> LedgerError | None:
+    """Move the transfer's amount between its locked accounts in memory, or say why it cannot
+    be (and move nothing): the fund would go below zero (FailedPrecondition), or a balance or
+    total beyond int64 (InvalidArgument naming `field`). User accounts have no row to move."""
+    return move_amount(
+        accounts, transfer.currency, transfer.debit, transfer.credit, transfer.amount, field
     )
-    .returning(_ACCOUNTS.c.balance)
-)
-_MOVE_UP = _MOVE.where(_ACCOUNTS.c.balance <= bindparam("bound"))  # bound = INT64_MAX − delta
-_MOVE_DOWN = _MOVE.where(_ACCOUNTS.c.balance >= bindparam("bound"))  # bound = floor − delta
 
-_LOCK_SYSTEM_LOSS = (
-    select(_ACCOUNTS.c.id)
-    .where(_ACCOUNTS.c.currency == bindparam("b_currency"), _ACCOUNTS.c.name == SYSTEM_LOSS)
-    .with_for_update()
+
+def move_amount(
+    accounts: Accounts,
+    currency: str,
+    debit: str | None,
+    credit: str | None,
+    amount: int,
+    field: str = "amount",
+) -> LedgerError | None:
+    """move() by account names; None for a side without a row (users, in aggregate)."""
+    debited = None if debit is None else _locked(accounts, currency, debit)
+    credited = None if credit is None else _locked(accounts, currency, credit)
+    for state, credits, debits in ((debited, 0, amount), (credited, amount, 0)):
+        if state is None or state.fits(credits, debits):
+            continue
+        if state.floor == 0 and state.balance - debits < 0:
+            return FailedPrecondition(
+                f"{state.name} of {state.currency} has balance {state.balance}, less than "
+                f"the {debits} to be taken from it"
+            )
+        return InvalidArgument(
+            field,
+            amount,
+            f"would take {state.name} of {state.currency} beyond a signed 64-bit integer",
+        )
+    if debited is not None:
+        debited.apply(0, amount)
+    if credited is not None:
+        credited.apply(amount, 0)
+    return None
+
+
+def _locked(accounts: Accounts, currency: str, name: str) -> AccountState | None:
+    """The locked row of a system account (None for a user account, which has no row)."""
+    state = accounts.get((currency, name))
+    if state is None and name in SYSTEM_ACCOUNTS:
+        raise NotFound(f"currency {currency!r} has no account {name!r} (not locked)")
+    return state
+
+
+_SET_ACCOUNT = (
+    "UPDATE accounts SET balance = ?, credit_total = ?, debit_total = ?"
+    " WHERE currency = ? AND name = ?"
 )
+
+
+def account_writes(accounts: Accounts) -> list[Statement]:
+    """The UPDATEs of the moved rows, in key order."""
+    return [
+        (_SET_ACCOUNT, (a.balance, a.credit_total, a.debit_total, a.currency, a.name))
+        for _, a in sorted(accounts.items())
+        if a.moved
+    ]
+
+
+# --- entry ids ----------------------------------------------------------------------------
+
+_PG_NEXT_IDS = "SELECT nextval('entry_ids') AS id FROM generate_series(1, ?::int)"
+_SQLITE_COUNTER = "SELECT next_value FROM counters WHERE name = 'entry_id'"
+_SQLITE_SET_COUNTER = "UPDATE counters SET next_value = ? WHERE name = 'entry_id'"
+
+
+@dataclass(slots=True)
+class EntryIds:
+    """Entry ids for one transaction, handed out in ascending order as entries are made.
+
+    On PostgreSQL they are taken from the sequence beforehand (an upper bound; unused ones
+    are a gap, as a sequence's ids are after a rollback); on SQLite they follow the counter,
+    which `writes()` moves on.
+    """
+
+    ids: list[int]
+    counter: int | None = None  # SQLite: the counter's value when read
+    used: int = field(default=0)
+
+    def take(self) -> int:
+        entry_id = self.counter + self.used if self.counter is not None else self.ids[self.used]
+        self.used += 1
+        return entry_id
+
+    def writes(self) -> list[Statement]:
+        if self.counter is None or not self.used:
+            return []
+        return [(_SQLITE_SET_COUNTER, (self.counter + self.used,))]
+
+
+def entry_ids_query(db: BatchStatements, count: int) -> Query:
+    """The query that reserves up to `count` ids (run after the accounts are locked, so that
+    a currency's entry ids ascend in the order its writers commit)."""
+    if db.is_sqlite:
+        return Query(_SQLITE_COUNTER)
+    return Query(_PG_NEXT_IDS, params=(count,))
+
+
+def entry_ids_of(db: BatchStatements, rows: Sequence[Sequence[int]]) -> EntryIds:
+    if db.is_sqlite:
+        ((counter,),) = rows
+        return EntryIds([], counter=int(counter))
+    return EntryIds([int(row[0]) for row in rows])
+
+
+def reserve_entry_ids(db: BatchStatements, count: int) -> EntryIds:
+    return entry_ids_of(db, db.rows(entry_ids_query(db, count)))
+
+
+def reserve_entry_block(db: BatchStatements, count: int) -> int:
+    """`count` consecutive entry ids; returns the first. Run in a transaction of its own and
+    committed at once: on PostgreSQL the sequence is stepped by `count` under ALTER SEQUENCE,
+    which holds off every other writer's nextval until the commit (a moment)."""
+    assert count > 0
+    if db.is_sqlite:
+        first = int(db.execute(_SQLITE_COUNTER).fetchone()[0])
+        db.execute(_SQLITE_SET_COUNTER, (first + count,))
+        return first
+    db.execute(f"ALTER SEQUENCE entry_ids INCREMENT BY {int(count)}")
+    last = int(db.execute("SELECT nextval('entry_ids')").fetchone()[0])
+    db.execute("ALTER SEQUENCE entry_ids INCREMENT BY 1")
+    return last - count + 1
+
+
+# --- entries ------------------------------------------------------------------------------
+
+
+def entry_row(entry_id: int, transfer: Transfer, created_at_us: int) -> tuple[object, ...]:
+    """An `entries` row, in the table's column order."""
+    return (
+        entry_id,
+        transfer.currency,
+        int(transfer.kind),
+        transfer.reference,
+        transfer.debit,
+        transfer.credit,
+        transfer.amount,
+        transfer.memo,
+        created_at_us,
+    )
+
+
+def post(db: BatchStatements, transfers: Sequence[Transfer], created_at_us: int) -> list[int]:
+    """Append entries and move the cached totals of the system accounts they touch.
+
+    Locks the accounts (the lock order), checks every bound in memory, then writes. Raises
+    the refusal (FailedPrecondition: the fund would go below zero) and writes nothing.
+    """
+    if not transfers:
+        return []
+    names = sorted({n for t in transfers for n in (t.debit, t.credit) if n in SYSTEM_ACCOUNTS})
+    accounts = lock_accounts(db, names, currency_keys({t.currency for t in transfers}))
+    for transfer in transfers:
+        refused = move(accounts, transfer)
+        if refused is not None:
+            raise refused
+    return append(db, accounts, transfers, created_at_us)
+
+
+def append(
+    db: BatchStatements, accounts: Accounts, transfers: Sequence[Transfer], created_at_us: int
+) -> list[int]:
+    """Write the moved accounts and the entries (ids reserved now, after the locks)."""
+    ids = reserve_entry_ids(db, len(transfers)) if transfers else EntryIds([])
+    entry_ids = [ids.take() for _ in transfers]
+    rows = [entry_row(i, t, created_at_us) for i, t in zip(entry_ids, transfers, strict=True)]
+    writes: list[Statement | Insert] = [*account_writes(accounts), *ids.writes()]
+    if rows:
+        writes.append(Insert(ENTRIES, rows))
+    if writes:
+        db.write_together(writes)
+    return entry_ids
+
+
+def post_in(session: Session, transfers: Sequence[Transfer], created_at_us: int) -> list[int]:
+    """post() in the session's transaction."""
+    return post(BatchStatements.of_session(session), transfers, created_at_us)
+
+
+# --- reading ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,110 +327,6 @@ class StoredEntry:
     pnl: int = 0
 
 
-def reserve_entry_ids(session: Session, count: int) -> int:
-    """Take `count` consecutive entry ids; returns the first. Holds the counter's row lock
-    until the transaction ends, so blocks never overlap, also across server processes."""
-    assert count > 0
-    next_value = session.execute(_RESERVE_IDS, {"count": count}).scalar_one()
-    return int(next_value) - count
-
-
-def post(session: Session, transfers: Sequence[Transfer], created_at_us: int) -> list[int]:
-    """Append entries and move the cached totals of the system accounts they touch.
-
-    Raises FailedPrecondition (and the caller's transaction rolls back) when an account that
-    must stay non-negative would go below zero.
-    """
-    if not transfers:
-        return []
-    # Lock order everywhere: system_loss rows, then the other accounts by name, then the id
-    # counter last (see lock_system_loss), so that no two writers ever wait on each other.
-    apply_deltas(session, account_deltas(transfers))
-    first = reserve_entry_ids(session, len(transfers))
-    ids = list(range(first, first + len(transfers)))
-    insert_entries(session, first, transfers, created_at_us)
-    return ids
-
-
-def insert_entries(
-    session: Session, first_id: int, transfers: Sequence[Transfer], created_at_us: int
-) -> None:
-    """Insert entries with the consecutive ids first_id, first_id + 1, … (already reserved)."""
-    if not transfers:
-        return
-    session.execute(
-        insert(models.Entry),
-        [
-            {
-                "id": first_id + n,
-                "currency": t.currency,
-                "kind": int(t.kind),
-                "reference": t.reference,
-                "debit_account": t.debit,
-                "credit_account": t.credit,
-                "amount": t.amount,
-                "memo": t.memo,
-                "created_at_us": created_at_us,
-            }
-            for n, t in enumerate(transfers)
-        ],
-    )
-
-
-Deltas = dict[tuple[str, str], tuple[int, int]]  # (currency, account) → (credits, debits)
-
-
-def account_deltas(transfers: Sequence[Transfer]) -> Deltas:
-    totals: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for t in transfers:
-        totals[(t.currency, t.credit)][0] += t.amount
-        totals[(t.currency, t.debit)][1] += t.amount
-    return {key: (c, d) for key, (c, d) in totals.items() if key[1] in SYSTEM_ACCOUNTS}
-
-
-def apply_deltas(session: Session, deltas: Deltas) -> dict[tuple[str, str], int]:
-    """Move the cached totals in a fixed order (so two writers never deadlock) and return the
-    new balances. The UPDATE itself holds the row lock and re-checks every bound: the floor of
-    a non-negative account, and int64 for the balance and both running totals (the bounds are
-    rearranged so that no intermediate value can overflow on either backend)."""
-    balances: dict[tuple[str, str], int] = {}
-    for (currency, name), (credits, debits) in sorted(deltas.items()):
-        delta = credits - debits
-        floor = 0 if name in NON_NEGATIVE_ACCOUNTS else INT64_MIN
-        params = {
-            "b_currency": currency,
-            "b_name": name,
-            "credits": credits,
-            "debits": debits,
-            "delta": delta,
-            "credit_room": INT64_MAX - credits,
-            "debit_room": INT64_MAX - debits,
-        }
-        if delta > 0:
-            statement, params["bound"] = _MOVE_UP, INT64_MAX - delta
-        elif delta < 0:
-            statement, params["bound"] = _MOVE_DOWN, floor - delta
-        else:
-            statement = _MOVE
-        balance = session.execute(statement, params).scalar_one_or_none()
-        if balance is None:
-            _refuse(session, currency, name, delta, floor)
-        balances[(currency, name)] = int(balance)
-    return balances
-
-
-def _refuse(session: Session, currency: str, name: str, delta: int, floor: int) -> NoReturn:
-    current = account_balance(session, currency, name)
-    if delta < 0 and floor == 0 and current + delta < 0:
-        raise FailedPrecondition(
-            f"{name} of {currency} has balance {current}, less than the {-delta} to be "
-            "taken from it"
-        )
-    raise InvalidArgument(
-        "amount", abs(delta), f"would take {name} of {currency} beyond a signed 64-bit integer"
-    )
-
-
 def account_balance(session: Session, currency: str, name: str) -> int:
     balance = session.scalar(
         select(models.Account.balance).where(
@@ -192,30 +336,6 @@ def account_balance(session: Session, currency: str, name: str) -> int:
     if balance is None:
         raise NotFound(f"currency {currency!r} has no account {name!r}")
     return int(balance)
-
-
-def lock_system_loss(session: Session, currencies: Sequence[str]) -> None:
-    """Take the system_loss rows of these currencies first, in code order.
-
-    A cycle close and every liquidation batch of a currency take this row before anything
-    else, so a liquidation either lands before a close reads the cycle's loss or sees the
-    cycle closed; and since every writer takes system_loss rows first, accounts next (by
-    currency and name) and the id counter last, no two writers wait on each other in a cycle.
-    """
-    if not currencies or session.get_bind().dialect.name == "sqlite":
-        return  # SQLite: BEGIN IMMEDIATE already serialises writers
-    for currency in sorted(set(currencies)):
-        session.execute(_LOCK_SYSTEM_LOSS, {"b_currency": currency}).all()
-
-
-def lock_account(session: Session, currency: str, name: str) -> int:
-    """Lock one system account row and return its balance."""
-    query = select(models.Account.balance).where(
-        models.Account.currency == currency, models.Account.name == name
-    )
-    if session.get_bind().dialect.name != "sqlite":
-        query = query.with_for_update()
-    return int(session.execute(query).scalar_one())
 
 
 def stored_entry(row: models.Entry) -> StoredEntry:

@@ -18,28 +18,37 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from sqlalchemy.engine import make_url
 
 from ledger import liquidation
-from ledger._alloc import FrontEnd
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.db.migrate import upgrade
-from ledger.db.session import Database, SqliteWriter
-from ledger.group_commit import BATCH_REQUESTS_MAX, BatchWriter, run_alone
+from ledger.db.session import (
+    LOCK_TIMEOUT_SECONDS_DEFAULT,
+    STATEMENT_TIMEOUT_SECONDS_DEFAULT,
+    Database,
+)
+from ledger.group_commit import GroupCommitter
 from ledger.limits import (
+    BATCH_ITEMS_MAX_DEFAULT,
+    CLIENT_PING_INTERVAL_SECONDS_MIN,
+    CONNECTION_AGE_GRACE_SECONDS,
+    CONNECTION_AGE_SECONDS_DEFAULT,
+    CONNECTION_IDLE_SECONDS,
     CYCLE_POSITIONS_MAX_DEFAULT,
+    CYCLE_STREAMS_MAX_DEFAULT,
+    KEEPALIVE_SECONDS_DEFAULT,
+    KEEPALIVE_TIMEOUT_SECONDS,
     MESSAGE_BYTES_MAX,
+    PENDING_LIQUIDATIONS_MAX_DEFAULT,
     SERVER_THREADS_DEFAULT,
     SHUTDOWN_GRACE_SECONDS,
+    STREAM_IDLE_SECONDS_DEFAULT,
 )
-from ledger.liquidation import LiquidationRequest, LiquidationResult
 from ledger.server.admin import AdminService
-from ledger.server.clearing import RECORD_LIQUIDATION, ClearingService, RecordBatches
+from ledger.server.clearing import ClearingService, Committer
 from ledger.server.cycles import CycleService
 from ledger.server.interceptors import CallInterceptor
 from ledger.server.query import QueryService
@@ -47,9 +56,6 @@ from ledger.server.query import QueryService
 log = logging.getLogger("ledger.server")
 
 _T = TypeVar("_T")
-
-_LOOPBACK_ANY_PORT = "127.0.0.1:0"  # grpc.aio behind the front end
-WRITER_CONNECT_TIMEOUT_SECONDS = 10
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 
@@ -60,10 +66,17 @@ class Settings:
     database_url: str = ""
     threads: int = SERVER_THREADS_DEFAULT
     cycle_positions_max: int = CYCLE_POSITIONS_MAX_DEFAULT
-    # Off: one transaction per RecordLiquidation call (the benchmark's comparison).
-    group_commit: bool = True
-    # Liquidations one group commit transaction takes at most (1: a transaction per call).
-    batch_max: int = BATCH_REQUESTS_MAX
+    # Liquidations one writer transaction takes at most (a larger RecordLiquidations: alone).
+    batch_max: int = BATCH_ITEMS_MAX_DEFAULT
+    # Liquidations waiting for the writer, per process, before calls are refused.
+    pending_max: int = PENDING_LIQUIDATIONS_MAX_DEFAULT
+    # CloseCycle/PreviewCycle streams open at once, and how long one may stay silent.
+    streams_max: int = CYCLE_STREAMS_MAX_DEFAULT
+    stream_idle_s: float = STREAM_IDLE_SECONDS_DEFAULT
+    lock_timeout_s: float = LOCK_TIMEOUT_SECONDS_DEFAULT
+    statement_timeout_s: float = STATEMENT_TIMEOUT_SECONDS_DEFAULT
+    max_connection_age_s: float = CONNECTION_AGE_SECONDS_DEFAULT
+    keepalive_s: float = KEEPALIVE_SECONDS_DEFAULT
     # Server processes sharing the port; each has its own pool, writer and GIL.
     workers: int = 1
 
@@ -71,17 +84,20 @@ class Settings:
 class LedgerServer:
     """A started server; `stop()` lets in-flight calls finish.
 
-    With group commit (the default) the listening port is the front end's (rust_alloc's
-    front.rs): it answers RecordLiquidation by handing the calls queued meanwhile to one
-    writer thread as a batch (RecordBatches), and forwards every other call to grpc.aio on a
-    loopback port. grpc.aio runs on an event loop of its own thread and its blocking handlers
-    on a pool of `threads`. Without group commit grpc.aio listens on the port itself. The
+    One grpc.aio server serves every service on the port, on an event loop of its own
+    thread; blocking handlers (database sessions, the Rust allocator) run on a pool of
+    `threads`, and liquidations go to the process's one writer (GroupCommitter). The
     methods here are called from any other thread.
     """
 
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
-        self.database = Database(settings.database_url, pool_size=settings.threads)
+        self.database = Database(
+            settings.database_url,
+            pool_size=settings.threads,
+            lock_timeout_s=settings.lock_timeout_s,
+            statement_timeout_s=settings.statement_timeout_s,
+        )
         try:
             upgrade(self.database)
         except BaseException:
@@ -95,64 +111,37 @@ class LedgerServer:
             target=self._loop.run_forever, name="ledger-grpc", daemon=True
         )
         self._loop_thread.start()
-        self._writer: BatchWriter[LiquidationRequest, LiquidationResult] | None = None
-        self._front: FrontEnd | None = None
+        self._committer: Committer | None = None
         try:
-            listen = _LOOPBACK_ANY_PORT if settings.group_commit else settings.listen
-            self._health, self._server, self.port = self._on_loop(
-                self._build(listen, reuse_port and not settings.group_commit)
+            self._committer = GroupCommitter(
+                self.database.writer_connection,
+                liquidation.record_batch,
+                pending_max=settings.pending_max,
+                batch_max=settings.batch_max,
             )
-            if settings.group_commit:
-                self._writer = self._batch_writer()
-                self._front = FrontEnd(
-                    settings.listen,
-                    self.port,
-                    RECORD_LIQUIDATION,
-                    RecordBatches(self._writer),
-                    batch_max=settings.batch_max,
-                    reuse_port=reuse_port,
-                )
-                self.port = self._front.port
+            self._cycles = CycleService(
+                self.database, settings.cycle_positions_max, settings.streams_max
+            )
+            self._cycles.recover()
+            self._health, self._server, self.port = self._on_loop(
+                self._build(self._committer, reuse_port)
+            )
         except BaseException:
             self._close()
             raise
 
-    def _batch_writer(self) -> BatchWriter[LiquidationRequest, LiquidationResult]:
-        """The group commit writer's own connection: a raw psycopg connection on PostgreSQL,
-        a raw sqlite3 connection behind the write gate on SQLite."""
-        database = self.database
-        if database.is_sqlite:
-            return BatchWriter(lambda: SqliteWriter(database), liquidation.record_batch_sqlite)
-        url = make_url(database.url).set(drivername="postgresql")
-        params = conninfo_to_dict(url.render_as_string(hide_password=False))
-        # Custom plans only: the driver prepares the batch's statements, and a generic plan
-        # made while `liquidations` was small (a fresh database, before autoanalyze) scans the
-        # whole table for earlier uses of the ids, every batch, as the table grows; measured,
-        # half the throughput. A custom plan sees the table's current size. Added to the
-        # URL's own options (a search_path, say), not in their place.
-        params["options"] = " ".join(
-            filter(None, [str(params.get("options", "")), "-c plan_cache_mode=force_custom_plan"])
-        )
-        params.setdefault("connect_timeout", WRITER_CONNECT_TIMEOUT_SECONDS)
-        conninfo = make_conninfo("", **params)
-        return BatchWriter(lambda: psycopg.connect(conninfo), liquidation.record_batch_postgres)
-
     async def _build(
-        self, listen: str, reuse_port: bool
+        self, committer: Committer, reuse_port: bool
     ) -> tuple[HealthServicer, grpc.aio.Server, int]:
         """Made on the loop, which grpc.aio binds the server to."""
         settings = self.settings
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(self._pool)],
-            options=[
-                ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
-                ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ],
+            interceptors=[CallInterceptor(self._pool, stream_idle_s=settings.stream_idle_s)],
+            options=server_options(settings, reuse_port),
         )
         admin = AdminService(self.database)
-        clearing = ClearingService(self._record_liquidation)
-        cycles = CycleService(self.database, settings.cycle_positions_max)
+        clearing = ClearingService(committer, self._pool)
+        cycles = self._cycles
         query = QueryService(self.database)
         server.add_generic_rpc_handlers(
             (
@@ -171,25 +160,16 @@ class LedgerServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(listen)
+        port = server.add_insecure_port(settings.listen)
         if port == 0:
-            raise OSError(f"cannot listen on {listen}")
+            raise OSError(f"cannot listen on {settings.listen}")
         return health_servicer, server, port
-
-    async def _record_liquidation(self, request: LiquidationRequest) -> LiquidationResult:
-        """One transaction per call, on a thread of the pool: RecordLiquidation without
-        group commit (the benchmark's comparison)."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, run_alone, self.database, liquidation.record_batch, request
-        )
 
     def _on_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def start(self) -> None:
         self._on_loop(self._start())
-        if self._front is not None:
-            self._front.start()
         log.info("serving on port %d, database %s", self.port, self.database.backend)
 
     async def _start(self) -> None:
@@ -198,17 +178,15 @@ class LedgerServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop taking calls and let those in flight finish (the writer answers every
+        liquidation queued), within the grace."""
         self._on_loop(self._health.enter_graceful_shutdown())
-        if self._front is not None:  # its calls in flight, forwarded ones too, finish first
-            self._front.stop(grace_seconds)
         self._on_loop(self._server.stop(grace_seconds))
         self._close()
 
     def _close(self) -> None:
-        if self._front is not None:
-            self._front.stop(0)
-        if self._writer is not None:
-            self._writer.close()
+        if self._committer is not None:
+            self._committer.close()
         self._pool.shutdown(wait=True)  # blocking handlers still running finish first
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join()
@@ -217,6 +195,28 @@ class LedgerServer:
 
     def wait(self) -> None:
         self._on_loop(self._server.wait_for_termination())
+
+
+def server_options(settings: Settings, reuse_port: bool) -> list[tuple[str, int]]:
+    """grpc core's channel arguments of the server: message limits, keepalive, and a maximum
+    connection age so that clients reconnect and spread over processes and hosts."""
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    return [
+        ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+        ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_s)),
+        ("grpc.keepalive_timeout_ms", ms(KEEPALIVE_TIMEOUT_SECONDS)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(CLIENT_PING_INTERVAL_SECONDS_MIN)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", ms(CONNECTION_IDLE_SECONDS)),
+        ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(CONNECTION_AGE_GRACE_SECONDS)),
+    ]
 
 
 def service_handler(

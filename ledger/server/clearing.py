@@ -1,10 +1,15 @@
-"""insurance.v1.Clearing: liquidations through a cycle, and the cycle close."""
+"""insurance.v1.Clearing: liquidations through a cycle (the cycle close is in cycles.py).
+
+Both liquidation calls run on the event loop and wait for the process's one writer
+(ledger.group_commit) without holding a thread: a unary call is a batch of one, and
+RecordLiquidations hands over all its valid items as one call of the writer's queue.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Awaitable, Callable, Sequence
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -12,83 +17,75 @@ import grpc
 from ledger import liquidation
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
-from ledger.group_commit import BatchWriter
+from ledger.errors import InvalidArgument
+from ledger.group_commit import GroupCommitter
+from ledger.limits import LIQUIDATIONS_PER_CALL_MAX
 from ledger.liquidation import LiquidationRequest, LiquidationResult
 from ledger.server.status import internal_details, status_for
 
 if TYPE_CHECKING:
     from grpc.aio import ServicerContext
 
-RECORD_LIQUIDATION = "/insurance.v1.Clearing/RecordLiquidation"
+RECORD_LIQUIDATIONS = "/insurance.v1.Clearing/RecordLiquidations"
+# A batch this large is validated on a thread of the pool, so that the event loop keeps
+# serving other calls meanwhile.
+VALIDATE_ON_POOL_ITEMS_MIN = 256
 
-log = logging.getLogger("ledger.calls")
-
-RecordFn = Callable[[LiquidationRequest], Awaitable[LiquidationResult]]
-# A call's answer to the front end: its serialized response, or (status code, message).
-Reply = bytes | tuple[int, str]
+Committer = GroupCommitter[LiquidationRequest, LiquidationResult]
 
 
 class ClearingService(pb_grpc.ClearingServicer):
-    def __init__(self, record: RecordFn) -> None:
-        """`record`: the liquidation's result once it is durable, in a transaction of its own
-        (with group commit, the front end answers RecordLiquidation through RecordBatches)."""
-        self._record = record
+    def __init__(self, committer: Committer, pool: Executor) -> None:
+        self._committer = committer
+        self._pool = pool
 
     async def RecordLiquidation(
         self, request: pb.RecordLiquidationRequest, context: ServicerContext[Any, Any]
     ) -> pb.LiquidationResult:
-        """On the event loop: the call waits for its commit without holding a thread."""
-        return _response(await self._record(_validated(request)))
+        pending = self._committer.submit([_validated(request)], context.time_remaining())
+        (outcome,) = await self._committer.result(pending)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return _response(outcome)
+
+    async def RecordLiquidations(
+        self, request: pb.RecordLiquidationsRequest, context: ServicerContext[Any, Any]
+    ) -> pb.RecordLiquidationsResponse:
+        """One outcome per item, in order; each item is what the unary call with it would be."""
+        items = request.liquidations
+        if not 1 <= len(items) <= LIQUIDATIONS_PER_CALL_MAX:
+            raise InvalidArgument(
+                "liquidations",
+                len(items),
+                f"must hold 1 to {LIQUIDATIONS_PER_CALL_MAX} items (the limit of one call)",
+            )
+        if len(items) >= VALIDATE_ON_POOL_ITEMS_MIN:
+            loop = asyncio.get_running_loop()
+            checked = await loop.run_in_executor(self._pool, _validate_all, items)
+        else:
+            checked = _validate_all(items)
+        valid = [c for c in checked if isinstance(c, LiquidationRequest)]
+        recorded: list[LiquidationResult | Exception] = []
+        if valid:
+            pending = self._committer.submit(valid, context.time_remaining())
+            recorded = await self._committer.result(pending)
+        results = iter(recorded)
+        outcomes = [
+            _outcome(next(results) if isinstance(c, LiquidationRequest) else c) for c in checked
+        ]
+        return pb.RecordLiquidationsResponse(outcomes=outcomes)
 
 
-class RecordBatches:
-    """RecordLiquidation with group commit: the front end hands over the calls queued while
-    the previous batch was written, as serialized requests, and gets one reply per call.
-
-    Called on the front end's one writer thread. Requests that fail validation are answered
-    at once; the rest are recorded as one transaction by `writer`.
-    """
-
-    def __init__(self, writer: BatchWriter[LiquidationRequest, LiquidationResult]) -> None:
-        self._writer = writer
-
-    def __call__(self, messages: Sequence[bytes]) -> list[Reply]:
-        started = time.perf_counter()
-        replies: list[Reply] = [b""] * len(messages)
-        requests: list[LiquidationRequest] = []
-        positions: list[int] = []
-        for i, message in enumerate(messages):
-            try:
-                requests.append(_validated(pb.RecordLiquidationRequest.FromString(message)))
-            except Exception as error:
-                replies[i] = _status(error)
-                continue
-            positions.append(i)
-        if requests:
-            for i, outcome in zip(positions, self._writer.write(requests), strict=True):
-                replies[i] = _reply(outcome)
-        if log.isEnabledFor(logging.INFO):
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            for reply in replies:
-                name = "OK" if isinstance(reply, bytes) else _CODE_NAMES[reply[0]]
-                log.info(
-                    "method=%s status=%s duration_ms=%.2f batch=%d",
-                    RECORD_LIQUIDATION,
-                    name,
-                    elapsed_ms,
-                    len(replies),
-                )
-        return replies
-
-
-def _reply(outcome: LiquidationResult | Exception) -> Reply:
-    """The call's reply; a failure here fails this call alone (its batch has committed)."""
-    if isinstance(outcome, Exception):
-        return _status(outcome)
-    try:
-        return _response(outcome).SerializeToString()
-    except Exception as error:
-        return _status(error)
+def _validate_all(
+    items: Sequence[pb.RecordLiquidationRequest],
+) -> list[LiquidationRequest | Exception]:
+    checked: list[LiquidationRequest | Exception] = []
+    for item in items:
+        try:
+            checked.append(_validated(item))
+        except Exception as error:
+            checked.append(error)
+    return checked
 
 
 def _validated(request: pb.RecordLiquidationRequest) -> LiquidationRequest:
@@ -117,12 +114,16 @@ def _response(result: LiquidationResult) -> pb.LiquidationResult:
     )
 
 
-def _status(error: Exception) -> tuple[int, str]:
-    code = status_for(error)
+def _outcome(outcome: LiquidationResult | Exception) -> pb.LiquidationOutcome:
+    """An item's outcome: the status its unary call would end with, and its result if OK."""
+    if not isinstance(outcome, Exception):
+        return pb.LiquidationOutcome(code=0, result=_response(outcome))
+    code = status_for(outcome)
     if code is None:
-        return _INTERNAL, internal_details(RECORD_LIQUIDATION, error)
-    return code.value[0], str(error)
+        return pb.LiquidationOutcome(
+            code=_INTERNAL, message=internal_details(RECORD_LIQUIDATIONS, outcome)
+        )
+    return pb.LiquidationOutcome(code=code.value[0], message=str(outcome))
 
 
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]

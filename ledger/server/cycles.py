@@ -1,46 +1,67 @@
 """CloseCycle and PreviewCycle: the stream arrives as raw bytes and goes straight to Rust.
 
 grpcio hands these handlers each CycleInput message undeserialised (the method is registered
-without a request deserializer), so millions of positions never become Python objects.
+without a request deserializer), so millions of positions never become Python objects. At
+most `streams_max` of these streams are open at once in a process: each holds a cycle's
+columns in memory and a thread of the pool.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-
-from sqlalchemy.orm import Session
+from contextlib import contextmanager
 
 from ledger import cycle
 from ledger.alloc import CycleInputDecoder, PositionLimitError
 from ledger.api.v1 import insurance_pb2 as pb
+from ledger.db import closes
 from ledger.db.session import Database
-from ledger.db.store import reserve_entry_ids
 from ledger.errors import InvalidArgument, ResourceExhausted
 from ledger.server import convert
-from ledger.server.interceptors import CallCancelled, ThreadContext
+from ledger.server.interceptors import ThreadContext
 
 
 class CycleService:
-    def __init__(self, database: Database, positions_max: int) -> None:
+    def __init__(self, database: Database, positions_max: int, streams_max: int) -> None:
         self._db = database
         self._positions_max = positions_max
+        self._streams_max = streams_max
+        self._streams_open = 0
+        self._lock = threading.Lock()
+
+    def recover(self) -> None:
+        """At start: remove what closes that did not finish left behind."""
+        closes.remove_abandoned(self._db)
 
     def close(self, messages: Iterator[bytes], context: ThreadContext) -> pb.CycleSummary:
-        key, positions, digest = self._receive(messages)
-        with self._db.write() as session:
-            summary = cycle.close(session, key, positions, digest, self._reserve_ids)
-            # A client that gave up (cancel, deadline) gets no close: grpcio may even end the
-            # request stream early as if complete when a cancel races the last read, so the
-            # check is here, after the work and before the commit, and it rolls all back.
-            if not context.is_active():
-                raise CallCancelled(f"close of cycle {key.cycle_id!r} cancelled by the client")
+        with self._stream():
+            key, positions, digest = self._receive(messages)
+            summary = cycle.close(self._db, key, positions, digest, context.is_active)
         return convert.cycle_summary(summary)
 
     def preview(self, messages: Iterator[bytes], context: ThreadContext) -> pb.CycleSummary:
-        key, positions, digest = self._receive(messages)
-        with self._db.read() as session:
-            summary = cycle.preview(session, key, positions, digest)
+        with self._stream():
+            key, positions, digest = self._receive(messages)
+            with self._db.read() as session:
+                summary = cycle.preview(session, key, positions, digest)
         return convert.cycle_summary(summary)
+
+    @contextmanager
+    def _stream(self) -> Iterator[None]:
+        with self._lock:
+            if self._streams_open >= self._streams_max:
+                raise ResourceExhausted(
+                    f"{self._streams_open} CloseCycle/PreviewCycle streams are already open "
+                    f"(at most {self._streams_max} per server process, --streams-max); "
+                    "retry when one has finished"
+                )
+            self._streams_open += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._streams_open -= 1
 
     def _receive(self, messages: Iterator[bytes]) -> tuple[cycle.CycleKey, CycleInputDecoder, str]:
         """Read the whole stream: the header first and once, then the position chunks."""
@@ -68,12 +89,3 @@ class CycleService:
         if key is None:
             raise InvalidArgument("header", "none", "the stream must start with a header")
         return key, decoder, decoder.input_digest()
-
-    def _reserve_ids(self, session: Session, count: int) -> int:
-        """Entry ids for the close. On PostgreSQL they are taken in a transaction of their own,
-        committed at once, so the id counter is not held through the bulk write (liquidation
-        batches of other currencies keep going); unused ids after a failure are only a gap."""
-        if self._db.is_sqlite:
-            return reserve_entry_ids(session, count)
-        with self._db.write() as own:
-            return reserve_entry_ids(own, count)

@@ -1,10 +1,11 @@
 """Every call passes here: domain errors become statuses, and one log line is written.
 
-grpc.aio serves every call but RecordLiquidation with group commit (the front end answers
-that one itself): the event loop does the network work of every call, and a coroutine
-handler never leaves it. The other handlers are plain blocking functions (database
-sessions, Rust calls); each call of one runs on a thread of the pool, and is given a
-`ThreadContext`, the part of a servicer context that they use.
+grpc.aio serves every call: the event loop does the network work of every call, and a
+coroutine handler (the liquidation calls) never leaves it. The other handlers are plain
+blocking functions (database sessions, Rust calls); each call of one runs on a thread of the
+pool, and is given a `ThreadContext`, the part of a servicer context that they use. A
+request stream read from a thread that stays silent for `stream_idle_s` ends the call with
+DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 import grpc
 import grpc.aio
 
+from ledger.errors import Cancelled, DeadlineExceeded
+from ledger.limits import STREAM_IDLE_SECONDS_DEFAULT
 from ledger.server.status import internal_details, status_for
 
 log = logging.getLogger("ledger.calls")
@@ -37,10 +40,6 @@ else:
 
 _Loop = asyncio.AbstractEventLoop
 _END = object()  # the end of a request stream, passed from the loop to a handler's thread
-
-
-class CallCancelled(Exception):
-    """The client went away while a handler's thread was still working for it."""
 
 
 class Aborted(Exception):
@@ -72,7 +71,7 @@ class ThreadContext:
         """Send one response of a streaming call, and wait until the loop has sent it (so a
         slow client slows the handler, not memory)."""
         if not self.is_active():
-            raise CallCancelled("the client cancelled the call")
+            raise Cancelled("the client cancelled the call")
         asyncio.run_coroutine_threadsafe(self._context.write(response), self._loop).result()
 
     def mark_cancelled(self) -> None:
@@ -93,8 +92,11 @@ class ThreadContext:
 class CallInterceptor(_ServerInterceptor):
     """Wraps each method's handler once and reuses the wrapper for every later call to it."""
 
-    def __init__(self, pool: Executor) -> None:
+    def __init__(
+        self, pool: Executor, *, stream_idle_s: float = STREAM_IDLE_SECONDS_DEFAULT
+    ) -> None:
         self._pool = pool
+        self._stream_idle_s = stream_idle_s
         # method → (the handler as registered, its wrapper); grpc asks for every call
         self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
 
@@ -144,13 +146,14 @@ class CallInterceptor(_ServerInterceptor):
         if inspect.iscoroutinefunction(behavior):
             return _in_loop(method, cast(AsyncBehavior, behavior))
         pool = self._pool
+        idle_s = self._stream_idle_s
 
         async def call(request: Any, context: _Context) -> Any:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
             thread_context = ThreadContext(context, loop)
             if streamed_requests:
-                request = _BlockingRequests(request, loop, thread_context)
+                request = _BlockingRequests(request, loop, thread_context, idle_s)
             try:
                 return await loop.run_in_executor(pool, behavior, request, thread_context)
             except asyncio.CancelledError:
@@ -196,10 +199,13 @@ class _BlockingRequests:
     stream cut short by a cancel raises instead of ending.
     """
 
-    def __init__(self, requests: AsyncIterator[Any], loop: _Loop, context: ThreadContext) -> None:
+    def __init__(
+        self, requests: AsyncIterator[Any], loop: _Loop, context: ThreadContext, idle_s: float
+    ) -> None:
         self._requests = requests
         self._loop = loop
         self._context = context
+        self._idle_s = idle_s
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -208,12 +214,18 @@ class _BlockingRequests:
         message = asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
         if message is _END:
             if not self._context.is_active():
-                raise CallCancelled("the client cancelled the call")
+                raise Cancelled("the client cancelled the call")
             raise StopIteration
         return message
 
     async def _next(self) -> Any:
-        message = await anext(self._requests, _END)
+        try:
+            message = await asyncio.wait_for(anext(self._requests, _END), self._idle_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the request stream sent nothing for {self._idle_s:g} s; the call is ended "
+                "and nothing of it was written"
+            ) from None
         if message is _END:
             for _ in range(_END_CONFIRM_TURNS):
                 await asyncio.sleep(0)

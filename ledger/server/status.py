@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 
 import grpc
+from sqlalchemy.exc import OperationalError
 
 from ledger.alloc import AllocationError, PositionLimitError
 from ledger.errors import (
     AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     LedgerError,
@@ -28,6 +31,10 @@ STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    # The database went away or stayed locked: the transaction was rolled back.
+    OperationalError: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -18,8 +18,6 @@ mod select;
 mod split;
 
 #[cfg(feature = "python")]
-mod front;
-#[cfg(feature = "python")]
 mod py;
 
 use ids::RowMap;

@@ -292,7 +292,6 @@ fn _alloc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(allocate, m)?)?;
     m.add_function(wrap_pyfunction!(encode_allocation_chunks, m)?)?;
     m.add_class::<CycleInputDecoder>()?;
-    m.add_class::<crate::front::FrontEnd>()?;
     m.add(
         "MalformedMessageError",
         py.get_type::<MalformedMessageError>(),

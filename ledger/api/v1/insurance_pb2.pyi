@@ -338,6 +338,28 @@ class RecordLiquidationRequest(_message.Message):
     remaining_margin: int
     def __init__(self, liquidation_id: _Optional[str] = ..., cycle_id: _Optional[str] = ..., symbol: _Optional[str] = ..., account_id: _Optional[int] = ..., position_id: _Optional[int] = ..., side: _Optional[_Union[Side, str]] = ..., quantity: _Optional[str] = ..., takeover_price: _Optional[str] = ..., close_price: _Optional[str] = ..., remaining_margin: _Optional[int] = ...) -> None: ...
 
+class RecordLiquidationsRequest(_message.Message):
+    __slots__ = ("liquidations",)
+    LIQUIDATIONS_FIELD_NUMBER: _ClassVar[int]
+    liquidations: _containers.RepeatedCompositeFieldContainer[RecordLiquidationRequest]
+    def __init__(self, liquidations: _Optional[_Iterable[_Union[RecordLiquidationRequest, _Mapping]]] = ...) -> None: ...
+
+class RecordLiquidationsResponse(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[LiquidationOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[LiquidationOutcome, _Mapping]]] = ...) -> None: ...
+
+class LiquidationOutcome(_message.Message):
+    __slots__ = ("code", "message", "result")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    result: LiquidationResult
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., result: _Optional[_Union[LiquidationResult, _Mapping]] = ...) -> None: ...
+
 class GetFundRequest(_message.Message):
     __slots__ = ("currency",)
     CURRENCY_FIELD_NUMBER: _ClassVar[int]

@@ -287,6 +287,11 @@ class ClearingStub:
                 request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.RecordLiquidationRequest.SerializeToString,
                 response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.LiquidationResult.FromString,
                 _registered_method=True)
+        self.RecordLiquidations = channel.unary_unary(
+                '/insurance.v1.Clearing/RecordLiquidations',
+                request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.RecordLiquidationsRequest.SerializeToString,
+                response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.RecordLiquidationsResponse.FromString,
+                _registered_method=True)
         self.CloseCycle = channel.stream_unary(
                 '/insurance.v1.Clearing/CloseCycle',
                 request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.CycleInput.SerializeToString,
@@ -305,6 +310,13 @@ class ClearingServicer:
 
     def RecordLiquidation(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordLiquidations(self, request, context):
+        """Many liquidations in one call and one durable commit: one outcome per item, in order.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -328,6 +340,11 @@ def add_ClearingServicer_to_server(servicer, server):
                     servicer.RecordLiquidation,
                     request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.RecordLiquidationRequest.FromString,
                     response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.LiquidationResult.SerializeToString,
+            ),
+            'RecordLiquidations': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordLiquidations,
+                    request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.RecordLiquidationsRequest.FromString,
+                    response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.RecordLiquidationsResponse.SerializeToString,
             ),
             'CloseCycle': grpc.stream_unary_rpc_method_handler(
                     servicer.CloseCycle,
@@ -368,6 +385,33 @@ class Clearing:
             '/insurance.v1.Clearing/RecordLiquidation',
             ledger_dot_api_dot_v1_dot_insurance__pb2.RecordLiquidationRequest.SerializeToString,
             ledger_dot_api_dot_v1_dot_insurance__pb2.LiquidationResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordLiquidations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/insurance.v1.Clearing/RecordLiquidations',
+            ledger_dot_api_dot_v1_dot_insurance__pb2.RecordLiquidationsRequest.SerializeToString,
+            ledger_dot_api_dot_v1_dot_insurance__pb2.RecordLiquidationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,95 @@
+"""The statements of a liquidation batch: what it reads under its locks, and what it writes.
+
+Two round trips to the database whatever the batch size: one locks the accounts the batch
+moves (the store's lock order) and then reads contracts, earlier uses of its ids, closed
+cycles and its entry ids; one writes (accounts, entries, liquidations) and, on the writer's
+own connection, commits. Every decision in between is made in memory (ledger.liquidation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ledger.db import models, store
+from ledger.db.batch import BatchStatements, Insert, Query, Statement
+from ledger.journal import INSURANCE_FUND, LIQUIDATION_ENGINE, SYSTEM_LOSS
+
+LIQUIDATIONS = models.Base.metadata.tables["liquidations"]
+ACCOUNT_NAMES = (SYSTEM_LOSS, INSURANCE_FUND, LIQUIDATION_ENGINE)
+OUTCOME_SYSTEM_LOSS = 2  # insurance.v1.Outcome.SYSTEM_LOSS, as stored
+
+_CURRENCIES_OF_SYMBOLS = "SELECT margin_currency FROM contracts WHERE symbol {}"
+_SELECT_CONTRACTS = (
+    "SELECT contracts.symbol, contracts.margin_currency, contracts.kind, contracts.multiplier,"
+    " currencies.scale FROM contracts"
+    " JOIN currencies ON currencies.code = contracts.margin_currency"
+    " WHERE contracts.symbol {}"
+)
+_SELECT_PREVIOUS = (
+    "SELECT liquidation_id, request_hash, currency, engine_result, outcome, fund_balance_after,"
+    " entry_id FROM liquidations WHERE liquidation_id {}"
+)
+_SELECT_CLOSED = "SELECT currency, cycle_id FROM cycles WHERE cycle_id {}"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRows:
+    """What a batch depends on, read under its locks."""
+
+    accounts: store.Accounts
+    contracts: list[tuple[Any, ...]]  # symbol, currency, kind, multiplier, scale
+    previous: list[tuple[Any, ...]]  # id, request_hash, currency, result, outcome, fund, entry
+    closed: set[tuple[str, str]]  # (currency, cycle_id)
+    entry_ids: store.EntryIds
+
+
+def read(
+    db: BatchStatements, symbols: set[str], liquidation_ids: set[str], cycle_ids: set[str]
+) -> BatchRows:
+    """Lock the accounts of the symbols' currencies, then read the rest (each statement of
+    PostgreSQL's pipeline reads its own snapshot, so these see what the locks waited for)."""
+    lock = store.lock_accounts_query(db, ACCOUNT_NAMES, Query(_CURRENCIES_OF_SYMBOLS, symbols))
+    account_rows, contracts, previous, closed, ids = db.select_together(
+        [lock],
+        [
+            Query(_SELECT_CONTRACTS, symbols),
+            Query(_SELECT_PREVIOUS, liquidation_ids),
+            Query(_SELECT_CLOSED, cycle_ids),
+            store.entry_ids_query(db, len(liquidation_ids)),
+        ],
+    )
+    return BatchRows(
+        store.accounts_of(account_rows),
+        contracts,
+        previous,
+        {(currency, cycle_id) for currency, cycle_id in closed},
+        store.entry_ids_of(db, ids),
+    )
+
+
+def writes(
+    rows: BatchRows,
+    entry_rows: Sequence[Sequence[object]],
+    liquidation_rows: Sequence[Sequence[object]],
+) -> list[Statement | Insert]:
+    """The batch's writes, in an order valid for one statement of WITH clauses."""
+    if not liquidation_rows:
+        return []
+    statements: list[Statement | Insert] = [*store.account_writes(rows.accounts)]
+    if entry_rows:
+        statements += [*rows.entry_ids.writes(), Insert(store.ENTRIES, entry_rows)]
+    return [*statements, Insert(LIQUIDATIONS, liquidation_rows)]
+
+
+_LOSS_TOTAL = (
+    "SELECT coalesce(sum(engine_result), 0) FROM liquidations"
+    f" WHERE currency = ? AND cycle_id = ? AND outcome = {OUTCOME_SYSTEM_LOSS}"
+)
+
+
+def cycle_loss_total(db: BatchStatements, currency: str, cycle_id: str) -> int:
+    """The cycle's system loss so far: the sum of its SYSTEM_LOSS liquidations, positive."""
+    ((total,),) = db.execute(_LOSS_TOTAL, (currency, cycle_id)).fetchall()
+    return -int(total or 0)

@@ -1,23 +1,22 @@
-"""Load benchmark of RecordLiquidation: group commit against one transaction per call.
+"""Load benchmark of the liquidation path: unary calls against an empty server, and batches.
 
-For each backend (SQLite, PostgreSQL), client and mode, a fresh database and a `ledger serve`
-process; then CLIENTS concurrent clients, each on its own connection, send durable
-liquidations on loopback for SECONDS, each waiting for its reply. Prints calls per second,
-p50 and p99 latency, and the group-commit / per-call ratio from the same run. The modes are
-the server's settings (MODES): group commit (the default: the front end queues the calls and
-each batch is one transaction), and one transaction per call both through the same front end
-(`--batch-max=1`) and on grpc.aio (`--no-group-commit`: each call's transaction on a thread
-of the handler pool).
+For each backend (SQLite, PostgreSQL), a fresh database and a `ledger serve` process per row:
 
-Two load generators, as the clients share the server's two cores: `rust` (bench/loadgen, a
-tonic client built here with cargo, a few tens of microseconds of CPU per call) and `python`
-(grpc.aio in LOAD_PROCESSES processes, whose own CPU per call is about half the server's).
-Each client first loads an empty grpc.aio server (no database; see serve_empty): a yardstick
-of the host's speed in that run, since it drifts, and the most a server that handled each
-call in Python could do.
+- unary   CLIENTS concurrent callers of RecordLiquidation, each on its own connection, each
+          waiting for its reply (durable), for SECONDS. The same clients first load an empty
+          grpc.aio server (no database; see serve_empty): the most a server handling each call
+          in Python could do on this machine in this run (its speed drifts), and the target's
+          yardstick (ours / empty).
+- batch   BATCH_CALLERS concurrent callers of RecordLiquidations, BATCH_SIZE items a call:
+          durable liquidations per second, and each call's latency.
 
-    python bench/bench_liquidations.py [--seconds 10] [--clients 16] [--workers 1]
-        [--backends sqlite,postgresql] [--client rust,python]
+Two load generators for the unary rows, as the clients share the server's two cores: `rust`
+(bench/loadgen, a tonic client built here with cargo, a few tens of microseconds of CPU per
+call) and `python` (grpc.aio in LOAD_PROCESSES processes). The batch rows use Python clients
+(a batch's serialization is one upb call).
+
+    python bench/bench_liquidations.py [--seconds 10] [--clients 16] [--batch-callers 4]
+        [--batch-size 1000] [--workers 1] [--backends sqlite,postgresql] [--client rust,python]
 """
 
 from __future__ import annotations
@@ -57,11 +56,11 @@ def setup(target: str) -> None:
         )
 
 
-def request(worker: int, n: int) -> pb.RecordLiquidationRequest:
+def request(worker: int, n: int, prefix: str = "w") -> pb.RecordLiquidationRequest:
     # Alternate profits and losses so both flows (fund inflow, system loss) are exercised.
     close = "60010.5" if n % 2 else "59990.25"
     return pb.RecordLiquidationRequest(
-        liquidation_id=f"w{worker}-{n}",
+        liquidation_id=f"{prefix}{worker}-{n}",
         cycle_id="bench",
         symbol="BTCUSDT",
         account_id=n,
@@ -93,7 +92,34 @@ async def _client(
         n += 1
 
 
-async def _load(target: str, first_worker: int, clients: int, seconds: float) -> list[float]:
+async def _batch_client(
+    stub: pb_grpc.ClearingStub,
+    worker: int,
+    batch_size: int,
+    stop_at: float,
+    measure_from: float,
+    latencies: list[float],
+) -> int:
+    n = 0
+    while True:
+        started = time.perf_counter()
+        if started >= stop_at:
+            return n
+        batch = pb.RecordLiquidationsRequest(
+            liquidations=[request(worker, n + k, "b") for k in range(batch_size)]
+        )
+        reply = await stub.RecordLiquidations(batch, timeout=60)
+        if any(o.code for o in reply.outcomes):
+            raise RuntimeError(f"a batch item failed: {reply.outcomes[0]}")
+        done = time.perf_counter()
+        if started >= measure_from:
+            latencies.append(done - started)
+        n += batch_size
+
+
+async def _load(
+    target: str, first_worker: int, clients: int, seconds: float, batch_size: int = 0
+) -> list[float]:
     latencies: list[float] = []
     # One channel, and so one connection, per client, as separate clients would have (the
     # local subchannel pool stops grpc from sharing one connection between the channels).
@@ -105,13 +131,23 @@ async def _load(target: str, first_worker: int, clients: int, seconds: float) ->
         for channel in channels:
             await channel.channel_ready()
         now = time.perf_counter()
+        stop_at, measure_from = now + WARMUP_S + seconds, now + WARMUP_S
         await asyncio.gather(
             *(
-                _client(
+                _batch_client(
                     pb_grpc.ClearingStub(channel),
                     first_worker + k,
-                    now + WARMUP_S + seconds,
-                    now + WARMUP_S,
+                    batch_size,
+                    stop_at,
+                    measure_from,
+                    latencies,
+                )
+                if batch_size
+                else _client(
+                    pb_grpc.ClearingStub(channel),
+                    first_worker + k,
+                    stop_at,
+                    measure_from,
                     latencies,
                 )
                 for k, channel in enumerate(channels)
@@ -124,20 +160,10 @@ async def _load(target: str, first_worker: int, clients: int, seconds: float) ->
 
 
 def load_process(
-    target: str, first_worker: int, clients: int, seconds: float, out: mp.Queue
+    target: str, first_worker: int, clients: int, seconds: float, batch_size: int, out: mp.Queue
 ) -> None:  # type: ignore[type-arg]
-    out.put(asyncio.run(_load(target, first_worker, clients, seconds)))
+    out.put(asyncio.run(_load(target, first_worker, clients, seconds, batch_size)))
 
-
-# The server's settings per mode. One transaction per call two ways: through the same front end
-# with batches of one (the writer runs them one after the other), and on grpc.aio with each
-# call's transaction on a thread of the pool (concurrent transactions); the gain is group
-# commit over the faster of the two.
-MODES = {
-    "group commit": ["--group-commit"],
-    "txn per call": ["--group-commit", "--batch-max=1"],
-    "txn/call aio": ["--no-group-commit"],
-}
 
 LOADGEN_DIR = ROOT / "bench" / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "loadgen"
@@ -229,16 +255,20 @@ def run_loadgen(target: str, clients: int, seconds: float) -> tuple[float, float
     return rate, int(fields["p50_us"]) / 1000, int(fields["p99_us"]) / 1000
 
 
-def run_load(target: str, clients: int, seconds: float) -> tuple[float, float, float]:
+def run_load(
+    target: str, clients: int, seconds: float, batch_size: int = 0
+) -> tuple[float, float, float]:
+    """Calls per second, p50 and p99 ms (for batches: calls, not items)."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    per_process = [
-        clients // LOAD_PROCESSES + (k < clients % LOAD_PROCESSES) for k in range(LOAD_PROCESSES)
-    ]
+    processes = min(LOAD_PROCESSES, clients)
+    per_process = [clients // processes + (k < clients % processes) for k in range(processes)]
     procs = []
     first = 0
     for count in per_process:
-        p = ctx.Process(target=load_process, args=(target, first, count, seconds, out))
+        p = ctx.Process(
+            target=load_process, args=(target, first, count, seconds, batch_size, out)
+        )
         p.start()
         procs.append(p)
         first += count
@@ -253,44 +283,57 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--batch-callers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--client", default="rust,python", help="load generators, in order")
-    parser.add_argument("--workers", type=int, default=1, help="server processes (both modes)")
+    parser.add_argument("--workers", type=int, default=1, help="server processes")
     args = parser.parse_args()
     loads = {"rust": run_loadgen, "python": run_load}
     clients = args.client.split(",")
     if "rust" in clients:
         build_loadgen()
     print(
-        f"RecordLiquidation, {args.clients} clients on loopback, {args.seconds:.0f} s each,"
-        f" durable commits, {args.workers} server process(es)"
+        f"Liquidations on loopback, {args.seconds:.0f} s a row, durable commits, "
+        f"{args.workers} server process(es); unary: {args.clients} callers; batch: "
+        f"{args.batch_callers} callers of {args.batch_size} items"
     )
-    print(f"{'backend':<11} {'client':<7} {'mode':<13} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(
+        f"{'backend':<11} {'client':<7} {'mode':<14} {'calls/s':>9} {'items/s':>9} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'vs empty':>8}"
+    )
+
+    def row(backend: str, client: str, mode: str, rate: float, items: float, p50: float,
+            p99: float, ratio: str = "") -> None:
+        print(
+            f"{backend:<11} {client:<7} {mode:<14} {rate:>9.0f} {items:>9.0f} {p50:>8.2f} "
+            f"{p99:>8.2f} {ratio:>8}",
+            flush=True,
+        )
+
+    empty: dict[str, float] = {}
     for client in clients:
         with empty_server() as target:
             rate, p50, p99 = loads[client](target, args.clients, args.seconds)
-        print(
-            f"{'(none)':<11} {client:<7} {'empty server':<13} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f}",
-            flush=True,
-        )
+        empty[client] = rate
+        row("(none)", client, "empty server", rate, rate, p50, p99)
     for backend in args.backends.split(","):
         for client in clients:
-            rates = {}
-            for mode, flags in MODES.items():
-                with (
-                    fresh_database(backend) as url,
-                    server_process(url, *flags, f"--workers={args.workers}") as (target, _),
-                ):
-                    setup(target)
-                    rate, p50, p99 = loads[client](target, args.clients, args.seconds)
-                rates[mode] = rate
-                print(
-                    f"{backend:<11} {client:<7} {mode:<13} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f}",
-                    flush=True,
-                )
-            per_call = max(rate for mode, rate in rates.items() if mode != "group commit")
-            ratio = rates["group commit"] / per_call
-            print(f"{backend:<11} {client:<7} {'gain':<13} {ratio:>8.1f}x", flush=True)
+            with (
+                fresh_database(backend) as url,
+                server_process(url, f"--workers={args.workers}") as (target, _),
+            ):
+                setup(target)
+                rate, p50, p99 = loads[client](target, args.clients, args.seconds)
+            row(backend, client, "unary", rate, rate, p50, p99, f"{rate / empty[client]:.2f}x")
+        with (
+            fresh_database(backend) as url,
+            server_process(url, f"--workers={args.workers}") as (target, _),
+        ):
+            setup(target)
+            rate, p50, p99 = run_load(target, args.batch_callers, args.seconds, args.batch_size)
+        row(backend, "python", f"batch of {args.batch_size}", rate, rate * args.batch_size,
+            p50, p99)
 
 
 if __name__ == "__main__":

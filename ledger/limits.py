@@ -26,7 +26,7 @@ SHUTDOWN_GRACE_SECONDS = 30.0
 
 LIQUIDATIONS_PER_CALL_MAX = 10_000  # items of one RecordLiquidations call
 PENDING_LIQUIDATIONS_MAX_DEFAULT = 10_000  # items waiting for the writer, per process
-BATCH_ITEMS_MAX_DEFAULT = 10_000  # items one writer transaction takes (a larger call: alone)
+BATCH_ITEMS_MAX_DEFAULT = 1_000  # items one writer transaction takes (a larger call: alone)
 
 CYCLE_STREAMS_MAX_DEFAULT = 4  # CloseCycle/PreviewCycle streams open at once, per process
 STREAM_IDLE_SECONDS_DEFAULT = 60.0  # a cycle stream without a message this long is ended

@@ -19,7 +19,7 @@ from ledger.db import store
 from ledger.db.session import WriterConnection
 from ledger.db.u64 import to_signed
 from ledger.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from ledger.idempotency import request_hash
+from ledger.idempotency import liquidation_hash
 from ledger.journal import INSURANCE_FUND, LIQUIDATION_ENGINE, SYSTEM_LOSS, EntryKind
 from ledger.limits import INT64_MAX, INT64_MIN, UINT64_MAX
 
@@ -39,9 +39,14 @@ class Outcome(enum.IntEnum):
     BREAK_EVEN = 3
 
 
-@dataclass(frozen=True, slots=True)
+Ratio = tuple[int, int]  # an exact decimal as numerator / denominator (> 0)
+
+
+@dataclass(slots=True)
 class LiquidationRequest:
-    """A validated report; decimals are kept exact, and `digest` is its request hash."""
+    """A validated report; decimals are kept exact, and `digest` is its request hash.
+    (Not frozen: the liquidation path makes thousands a second, and a frozen dataclass
+    pays for each field it sets.)"""
 
     liquidation_id: str
     cycle_id: str
@@ -49,9 +54,9 @@ class LiquidationRequest:
     account_id: int
     position_id: int
     side: Side
-    quantity: Decimal
-    takeover_price: Decimal
-    close_price: Decimal
+    quantity: Ratio
+    takeover_price: Ratio
+    close_price: Ratio
     remaining_margin: int
     digest: str
     quantity_text: str  # the decimals in canonical form, as stored and hashed
@@ -59,7 +64,7 @@ class LiquidationRequest:
     close_price_text: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LiquidationResult:
     liquidation_id: str
     currency: str
@@ -97,21 +102,20 @@ def validate(
     money.minor_units("remaining_margin", remaining_margin)
     if remaining_margin < 0:
         raise InvalidArgument("remaining_margin", remaining_margin, "must not be negative")
-    q = money.positive_decimal("quantity", quantity)
-    takeover = money.positive_decimal("takeover_price", takeover_price)
-    close = money.positive_decimal("close_price", close_price)
-    texts = money.canonical(q), money.canonical(takeover), money.canonical(close)
-    digest = request_hash(
-        liquidation_id=liquidation_id,
-        cycle_id=cycle_id,
-        symbol=symbol,
-        account_id=account_id,
-        position_id=position_id,
-        side=side,
-        quantity=texts[0],
-        takeover_price=texts[1],
-        close_price=texts[2],
-        remaining_margin=remaining_margin,
+    qn, qd, q_text = money.exact_positive("quantity", quantity)
+    tn, td, takeover_text = money.exact_positive("takeover_price", takeover_price)
+    cn, cd, close_text = money.exact_positive("close_price", close_price)
+    digest = liquidation_hash(
+        liquidation_id,
+        cycle_id,
+        symbol,
+        account_id,
+        position_id,
+        side,
+        q_text,
+        takeover_text,
+        close_text,
+        remaining_margin,
     )
     return LiquidationRequest(
         liquidation_id,
@@ -120,12 +124,14 @@ def validate(
         account_id,
         position_id,
         _SIDES[side],
-        q,
-        takeover,
-        close,
+        (qn, qd),
+        (tn, td),
+        (cn, cd),
         remaining_margin,
         digest,
-        *texts,
+        q_text,
+        takeover_text,
+        close_text,
     )
 
 
@@ -142,16 +148,39 @@ def engine_result(
     remaining_margin: int,
     scale: int,
 ) -> int:
-    """remaining_margin + the engine's pnl in minor units, exact, rounded toward −∞.
+    """remaining_margin + the engine's pnl in minor units, exact, rounded toward −∞."""
+    return exact_engine_result(
+        kind,
+        side,
+        quantity.as_integer_ratio(),
+        takeover_price.as_integer_ratio(),
+        close_price.as_integer_ratio(),
+        multiplier.as_integer_ratio(),
+        remaining_margin,
+        scale,
+    )
 
-    Every decimal is an exact ratio of integers, so the pnl is one fraction num / den with
-    den > 0 (prices are positive), and Python's floor division of the integers is the floor
-    of the exact value: no Fraction normalisation on the hot path, no float anywhere.
+
+def exact_engine_result(
+    kind: ContractKind,
+    side: Side,
+    quantity: Ratio,
+    takeover_price: Ratio,
+    close_price: Ratio,
+    multiplier: Ratio,
+    remaining_margin: int,
+    scale: int,
+) -> int:
+    """engine_result over exact ratios of integers (denominators > 0).
+
+    The pnl is one fraction num / den with den > 0 (prices are positive), and Python's
+    floor division of the integers is the floor of the exact value: no Fraction
+    normalisation on the hot path, no float anywhere.
     """
-    qn, qd = quantity.as_integer_ratio()
-    mn, md = multiplier.as_integer_ratio()
-    tn, td = takeover_price.as_integer_ratio()
-    cn, cd = close_price.as_integer_ratio()
+    qn, qd = quantity
+    mn, md = multiplier
+    tn, td = takeover_price
+    cn, cd = close_price
     if kind == ContractKind.LINEAR:  # close − takeover = (cn·td − tn·cd) / (cd·td)
         num, den = cn * td - tn * cd, cd * td
     else:  # INVERSE, face value `multiplier`: 1/takeover − 1/close = (td·cn − cd·tn) / (tn·cn)
@@ -174,7 +203,7 @@ def outcome_of(result: int) -> Outcome:
 class _Contract:
     currency: str
     kind: ContractKind
-    multiplier: Decimal
+    multiplier: Ratio
     scale: int
 
 
@@ -221,7 +250,9 @@ def decide(
 ) -> tuple[Outcomes, list[tuple[object, ...]], list[tuple[object, ...]]]:
     """Each request's outcome, and the entry and liquidation rows that record the batch."""
     contracts = {
-        symbol: _Contract(currency, ContractKind(kind), Decimal(multiplier), scale)
+        symbol: _Contract(
+            currency, ContractKind(kind), Decimal(multiplier).as_integer_ratio(), scale
+        )
         for symbol, currency, kind, multiplier, scale in rows.contracts
     }
     accounts = rows.accounts
@@ -241,7 +272,7 @@ def decide(
             outcomes[i] = NotFound(f"symbol: unknown contract {r.symbol!r}")
             continue
         currency = contract.currency
-        value = engine_result(
+        value = exact_engine_result(
             contract.kind,
             r.side,
             r.quantity,

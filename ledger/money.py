@@ -78,6 +78,26 @@ def ratio(field: str, text: str, *, zero_allowed: bool) -> Decimal:
     return value
 
 
+def exact_positive(field: str, text: str) -> tuple[int, int, str]:
+    """A decimal string > 0 as an exact ratio (numerator, 10^places) and its canonical text:
+    positive_decimal and canonical in one pass over the text, with no Decimal (the
+    liquidation path validates thousands of these a second)."""
+    match = _DECIMAL.fullmatch(text)
+    if match is None:
+        parse_decimal(field, text)  # raises, naming what is wrong
+        raise AssertionError("unreachable")
+    whole, fraction = match.group(1), match.group(2) or ""
+    if len(whole) + len(fraction) > DECIMAL_DIGITS_MAX:
+        raise InvalidArgument(field, text, f"more than {DECIMAL_DIGITS_MAX} digits")
+    numerator = int(whole + fraction)
+    if numerator == 0:
+        raise InvalidArgument(field, text, "must be greater than 0")
+    fraction = fraction.rstrip("0")
+    whole = whole.lstrip("0") or "0"
+    canonical_text = f"{whole}.{fraction}" if fraction else whole
+    return numerator, 10 ** len(match.group(2) or ""), canonical_text
+
+
 def canonical(value: Decimal) -> str:
     """The shortest plain form of a decimal: 0.20 → "0.2", 1.000 → "1"; never an exponent."""
     text = format(value, "f")

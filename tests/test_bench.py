@@ -1,4 +1,4 @@
-"""The RecordLiquidation benchmark runs end to end (both load generators, both modes).
+"""The liquidation benchmark runs end to end (both load generators, unary and batches).
 
 Speed is not asserted here (that is the benchmark's job, on a quiet machine); this proves the
 script, its Rust load generator and its Python clients work against a real server, and that
@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 
-from bench.bench_liquidations import MODES
 from bench.common import ROOT
 
 
@@ -26,19 +25,21 @@ def test_liquidation_benchmark_runs() -> None:
             "sqlite",
             "--client",
             "rust,python",
+            "--batch-size",
+            "100",
         ],
         check=True,
         capture_output=True,
         text=True,
         timeout=600,
     ).stdout
-    modes = "|".join(re.escape(mode) for mode in MODES)
-    rows = re.findall(rf"^sqlite\s+(rust|python)\s+({modes})\s+(\d+)\s", out, re.M)
-    assert sorted((client, mode) for client, mode, _ in rows) == sorted(
-        (client, mode) for client in ("rust", "python") for mode in MODES
-    ), out
-    assert all(int(rate) > 0 for _, _, rate in rows), out
-    assert len(re.findall(r"^sqlite\s+(rust|python)\s+gain\s+\d+\.\dx$", out, re.M)) == 2, out
     empty = re.findall(r"^\(none\)\s+(rust|python)\s+empty server\s+(\d+)\s", out, re.M)
     assert sorted(client for client, _ in empty) == ["python", "rust"], out
     assert all(int(rate) > 0 for _, rate in empty), out
+    unary = re.findall(
+        r"^sqlite\s+(rust|python)\s+unary\s+(\d+)\s+\d+\s.*\s(\d+\.\d\d)x$", out, re.M
+    )
+    assert sorted(client for client, _, _ in unary) == ["python", "rust"], out
+    assert all(int(rate) > 0 and float(ratio) > 0 for _, rate, ratio in unary), out
+    batch = re.findall(r"^sqlite\s+python\s+batch of 100\s+(\d+)\s+(\d+)\s", out, re.M)
+    assert len(batch) == 1 and int(batch[0][0]) > 0 and int(batch[0][1]) > 0, out

@@ -158,10 +158,17 @@ class WriterConnection:
 
 
 class PostgresWriter(WriterConnection):
-    """A raw psycopg connection. Custom plans only: the driver prepares the batch's
-    statements, and a generic plan made while `liquidations` was small (a fresh database,
-    before autoanalyze) scans the whole table for earlier uses of the ids, every batch, as
-    the table grows; measured, half the throughput. A custom plan sees the table's size."""
+    """A raw psycopg connection, planned for what it does: every one of its reads looks rows
+    up by key in a working set that stays in memory.
+
+    - Custom plans only: the driver prepares the batch's statements, and a generic plan
+      made while `liquidations` was small (a fresh database, before autoanalyze) scans the
+      whole table for earlier uses of the ids, every batch, as the table grows; measured,
+      half the throughput. A custom plan sees the table's size.
+    - random_page_cost 1.1 (the usual figure for SSDs and a cached working set): at the
+      default of 4 the planner reads 76,000 liquidations whole (9 ms) rather than look up a
+      batch's 1,000 ids in their index (0.9 ms), measured.
+    """
 
     def __init__(self, database: Database) -> None:
         url = make_url(database.url).set(drivername="postgresql")
@@ -173,7 +180,7 @@ class PostgresWriter(WriterConnection):
                     database.lock_timeout_s,
                     database.statement_timeout_s,
                 ),
-                "-c plan_cache_mode=force_custom_plan",
+                "-c plan_cache_mode=force_custom_plan -c random_page_cost=1.1",
             ]
         )
         params.setdefault("connect_timeout", WRITER_CONNECT_TIMEOUT_SECONDS)

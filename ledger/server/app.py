@@ -22,7 +22,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from ledger import liquidation
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.db.migrate import upgrade
 from ledger.db.session import (
@@ -51,6 +50,7 @@ from ledger.server.admin import AdminService
 from ledger.server.clearing import ClearingService, Committer
 from ledger.server.cycles import CycleService
 from ledger.server.interceptors import CallInterceptor
+from ledger.server.liquidation_writer import WriterProcess, WriterSettings
 from ledger.server.query import QueryService
 
 log = logging.getLogger("ledger.server")
@@ -86,8 +86,8 @@ class LedgerServer:
 
     One grpc.aio server serves every service on the port, on an event loop of its own
     thread; blocking handlers (database sessions, the Rust allocator) run on a pool of
-    `threads`, and liquidations go to the process's one writer (GroupCommitter). The
-    methods here are called from any other thread.
+    `threads`, and liquidations go through the process's queue (GroupCommitter) to its
+    one writer (WriterProcess). The methods here are called from any other thread.
     """
 
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
@@ -112,12 +112,18 @@ class LedgerServer:
         )
         self._loop_thread.start()
         self._committer: Committer | None = None
+        self._writer: WriterProcess | None = None
         try:
+            self._writer = WriterProcess(
+                WriterSettings(
+                    settings.database_url,
+                    settings.lock_timeout_s,
+                    settings.statement_timeout_s,
+                    logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                )
+            )
             self._committer = GroupCommitter(
-                self.database.writer_connection,
-                liquidation.record_batch,
-                pending_max=settings.pending_max,
-                batch_max=settings.batch_max,
+                self._writer, pending_max=settings.pending_max, batch_max=settings.batch_max
             )
             self._cycles = CycleService(
                 self.database, settings.cycle_positions_max, settings.streams_max
@@ -140,7 +146,7 @@ class LedgerServer:
             options=server_options(settings, reuse_port),
         )
         admin = AdminService(self.database)
-        clearing = ClearingService(committer, self._pool)
+        clearing = ClearingService(committer)
         cycles = self._cycles
         query = QueryService(self.database)
         server.add_generic_rpc_handlers(
@@ -150,7 +156,13 @@ class LedgerServer:
                     "Clearing",
                     clearing,
                     overrides={"CloseCycle": cycles.close, "PreviewCycle": cycles.preview},
-                    raw_requests={"CloseCycle", "PreviewCycle"},
+                    raw_requests={
+                        "CloseCycle",
+                        "PreviewCycle",
+                        "RecordLiquidation",
+                        "RecordLiquidations",
+                    },
+                    raw_responses={"RecordLiquidation", "RecordLiquidations"},
                 ),
                 service_handler("Query", query, raw_responses={"StreamAllocations"}),
             )
@@ -186,7 +198,9 @@ class LedgerServer:
 
     def _close(self) -> None:
         if self._committer is not None:
-            self._committer.close()
+            self._committer.close()  # answers everything queued
+        if self._writer is not None:
+            self._writer.close()
         self._pool.shutdown(wait=True)  # blocking handlers still running finish first
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join()

@@ -266,9 +266,7 @@ def run_load(
     procs = []
     first = 0
     for count in per_process:
-        p = ctx.Process(
-            target=load_process, args=(target, first, count, seconds, batch_size, out)
-        )
+        p = ctx.Process(target=load_process, args=(target, first, count, seconds, batch_size, out))
         p.start()
         procs.append(p)
         first += count
@@ -303,8 +301,16 @@ def main() -> None:
         f"{'p50 ms':>8} {'p99 ms':>8} {'vs empty':>8}"
     )
 
-    def row(backend: str, client: str, mode: str, rate: float, items: float, p50: float,
-            p99: float, ratio: str = "") -> None:
+    def row(
+        backend: str,
+        client: str,
+        mode: str,
+        rate: float,
+        items: float,
+        p50: float,
+        p99: float,
+        ratio: str = "",
+    ) -> None:
         print(
             f"{backend:<11} {client:<7} {mode:<14} {rate:>9.0f} {items:>9.0f} {p50:>8.2f} "
             f"{p99:>8.2f} {ratio:>8}",
@@ -332,8 +338,9 @@ def main() -> None:
         ):
             setup(target)
             rate, p50, p99 = run_load(target, args.batch_callers, args.seconds, args.batch_size)
-        row(backend, "python", f"batch of {args.batch_size}", rate, rate * args.batch_size,
-            p50, p99)
+        row(
+            backend, "python", f"batch of {args.batch_size}", rate, rate * args.batch_size, p50, p99
+        )
 
 
 if __name__ == "__main__":

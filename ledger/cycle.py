@@ -207,10 +207,9 @@ def _plan(
         allocated_total=result.allocated_total,
         cycle_row=_cycle_row(summary, basis.policy_version),
         closed_at_us=closed_at,
-        position_id=result.position_id,
-        account_id=result.account_id,
-        pnl=result.pnl,
-        amount=result.amount,
+        allocations=bulk.allocation_rows(
+            result.position_id, result.account_id, result.pnl, result.amount
+        ),
     )
     return plan, summary
 

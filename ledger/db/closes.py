@@ -30,8 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from sqlalchemy.orm import Session
 
 from ledger.db import bulk, models, store
@@ -79,19 +77,14 @@ class ClosePlan:
     allocated_total: int
     cycle_row: dict[str, object]  # the cycle's columns but id and allocation_first_entry_id
     closed_at_us: int
-    position_id: npt.NDArray[np.uint64]  # the allocations, in position order
-    account_id: npt.NDArray[np.uint64]
-    pnl: npt.NDArray[np.int64]
-    amount: npt.NDArray[np.int64]
+    allocations: bulk.AllocationRows  # sorted for the table, not yet placed
 
     @property
     def allocation_count(self) -> int:
-        return len(self.amount)
+        return len(self.allocations)
 
     def rows(self, cycle_pk: int, first_entry_id: int) -> bulk.AllocationRows:
-        return bulk.allocation_rows(
-            cycle_pk, first_entry_id, self.position_id, self.account_id, self.pnl, self.amount
-        )
+        return self.allocations.placed(cycle_pk, first_entry_id)
 
 
 IsActive = Callable[[], bool]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from ledger.db.batch import BatchStatements, Insert, Statement
 from ledger.errors import Unavailable
 
+log = logging.getLogger("ledger.db")
+
 DEFAULT_SQLITE_FILE = "ledger.db"
 LOCK_TIMEOUT_SECONDS_DEFAULT = 5.0
 STATEMENT_TIMEOUT_SECONDS_DEFAULT = 30.0
@@ -38,6 +41,7 @@ STATEMENT_TIMEOUT_SECONDS_DEFAULT = 30.0
 # their statement timeout is only a backstop against a runaway statement.
 BULK_STATEMENT_TIMEOUT_SECONDS = 600.0
 WRITER_CONNECT_TIMEOUT_SECONDS = 10
+CHECKPOINT_INTERVAL_SECONDS = 0.5
 _HANDOVER_WAIT_SECONDS = 0.05  # at most, for another process's writer to take its turn
 _SQLITE_PROGRESS_STEPS = 10_000  # VM instructions between two looks at the statement deadline
 
@@ -270,6 +274,34 @@ class SqliteWriter(WriterConnection):
             self._gate.release()
 
 
+class Checkpointer:
+    """SQLite: copies the WAL back into the database every `interval_s`, on a connection and
+    a thread of its own. A PASSIVE checkpoint takes no lock that a writer waits for, so
+    writers go on meanwhile; with it, the WAL stays bounded while no writer checkpoints."""
+
+    def __init__(self, database: Database, interval_s: float = CHECKPOINT_INTERVAL_SECONDS):
+        self._database = database
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        raw = self._database.engine.raw_connection()
+        try:
+            while not self._stop.wait(self._interval_s):
+                try:
+                    raw.dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
+                except Exception:
+                    log.warning("WAL checkpoint failed", exc_info=True)
+        finally:
+            raw.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class LockTimeout(Unavailable):
     """The SQLite write gate stayed taken for longer than the lock timeout."""
 
@@ -430,6 +462,11 @@ def _sqlite_engine(url: str, lock_timeout_s: float) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # No checkpoint in a committing writer's time (the WAL is copied back into the
+        # database by the Checkpointer, beside the writers): the commit that crossed the
+        # threshold would otherwise copy and sync the whole WAL while the writers behind it
+        # wait (after a cycle close's steps, tens of megabytes).
+        cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
     @event.listens_for(engine, "begin")

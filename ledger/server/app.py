@@ -27,6 +27,7 @@ from ledger.db.migrate import upgrade
 from ledger.db.session import (
     LOCK_TIMEOUT_SECONDS_DEFAULT,
     STATEMENT_TIMEOUT_SECONDS_DEFAULT,
+    Checkpointer,
     Database,
 )
 from ledger.group_commit import GroupCommitter
@@ -113,6 +114,7 @@ class LedgerServer:
         self._loop_thread.start()
         self._committer: Committer | None = None
         self._writer: WriterProcess | None = None
+        self._checkpointer = Checkpointer(self.database) if self.database.is_sqlite else None
         try:
             self._writer = WriterProcess(
                 WriterSettings(
@@ -201,6 +203,8 @@ class LedgerServer:
             self._committer.close()  # answers everything queued
         if self._writer is not None:
             self._writer.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self._pool.shutdown(wait=True)  # blocking handlers still running finish first
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join()

@@ -59,3 +59,13 @@ class CycleInputDecoder:
 def encode_allocation_chunks(
     position_id: object, account_id: object, pnl: object, amount: object, rows_per_chunk: int
 ) -> list[bytes]: ...
+
+def table_order(
+    position_id: object, account_id: object, pnl: object, amount: object
+) -> tuple[
+    npt.NDArray[np.uint64],
+    npt.NDArray[np.uint64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+]: ...

@@ -54,6 +54,7 @@ __all__ = [
     "allocate",
     "encode_allocation_chunks",
     "encode_allocation_columns",
+    "table_order",
 ]
 
 Ratio = str | Decimal
@@ -248,3 +249,23 @@ def encode_allocation_columns(
 ) -> list[bytes]:
     """``encode_allocation_chunks`` over plain columns (allocations read back from the ledger)."""
     return _alloc.encode_allocation_chunks(position_id, account_id, pnl, amount, rows_per_chunk)
+
+
+def table_order(
+    position_id: npt.NDArray[np.uint64],
+    account_id: npt.NDArray[np.uint64],
+    pnl: npt.NDArray[np.int64],
+    amount: npt.NDArray[np.int64],
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+]:
+    """Allocations given in position order, reordered by account (and, within an account,
+    still by position), as the ledger's table keeps them: (account_id, position_id, pnl,
+    amount, rank) as int64 columns, rank being each row's index in the input. A radix sort
+    in Rust with the GIL released (a stable numpy argsort of 10M rows took seconds)."""
+    accounts, ids, pnls, amounts, rank = _alloc.table_order(position_id, account_id, pnl, amount)
+    return accounts.view(np.int64), ids.view(np.int64), pnls, amounts, rank

@@ -118,12 +118,19 @@ def _reply(call: str) -> str | Exception:
 
 
 def run_on_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(asyncio.wait_for(test(), 60))
+    asyncio.run(asyncio.wait_for(test(), 2 * WAIT_SECONDS + 10))
 
 
 async def held(writer: HeldWriter) -> None:
     """Until the writer holds its first batch (waited for off the loop)."""
     assert await asyncio.to_thread(writer.holding.wait, WAIT_SECONDS), "no batch reached it"
+
+
+async def answer(committer: GroupCommitter[str, str], pending: Pending[str, str]) -> object:
+    try:
+        return await asyncio.wait_for(committer.result(pending), WAIT_SECONDS)
+    except TimeoutError:
+        pytest.fail(f"{pending.call!r} was never answered")
 
 
 def committer_of(writer: HeldWriter, **limits: int) -> GroupCommitter[str, str]:
@@ -141,8 +148,8 @@ def test_calls_queued_behind_a_batch_go_together_as_the_next() -> None:
             queued = [committer.submit(call, 1, None) for call in calls]
             assert committer.pending_items == 16
             writer.release.set()
-            assert await committer.result(first) == "done:first"
-            replies = [await committer.result(p) for p in queued]
+            assert await answer(committer, first) == "done:first"
+            replies = [await answer(committer, p) for p in queued]
         finally:
             writer.release.set()
             await asyncio.to_thread(committer.close)
@@ -178,7 +185,7 @@ def test_cancelled_calls_are_not_written() -> None:
             assert committer.pending_items == 0, "a cancelled call still counts"
             after = committer.submit("after", 1, None)
             writer.release.set()
-            assert await committer.result(after) == "done:after"
+            assert await answer(committer, after) == "done:after"
         finally:
             writer.release.set()
             await asyncio.to_thread(committer.close)
@@ -206,9 +213,9 @@ def test_a_call_past_its_deadline_at_admission_is_dropped() -> None:
             patient = committer.submit("patient", 1, 60.0)
             await _past(late)
             writer.release.set()
-            assert await committer.result(first) == "done:first"
-            expired = await committer.result(late)
-            assert await committer.result(patient) == "done:patient"
+            assert await answer(committer, first) == "done:first"
+            expired = await answer(committer, late)
+            assert await answer(committer, patient) == "done:patient"
         finally:
             writer.release.set()
             await asyncio.to_thread(committer.close)
@@ -242,7 +249,7 @@ def test_a_call_admitted_before_its_deadline_stands() -> None:
             assert await asyncio.to_thread(admitted.wait, WAIT_SECONDS)
             await _past(pending)
             past_deadline.set()
-            assert await committer.result(pending) == "done:committing"
+            assert await answer(committer, pending) == "done:committing"
         finally:
             past_deadline.set()
             await asyncio.to_thread(committer.close)
@@ -271,11 +278,11 @@ def test_the_queue_refuses_calls_beyond_pending_max() -> None:
                 committer.submit("sixth", 1, None)
             assert committer.pending_items == 5
             writer.release.set()
-            replies = [await committer.result(p) for p in accepted]
+            replies = [await answer(committer, p) for p in accepted]
             assert replies == ["done:first", "done:three-items", "done:fifth"]
             assert committer.pending_items == 0, "answered calls still count"
             again = committer.submit("five-items", 5, None)  # the room is back
-            assert await committer.result(again) == "done:five-items"
+            assert await answer(committer, again) == "done:five-items"
         finally:
             writer.release.set()
             await asyncio.to_thread(committer.close)
@@ -295,15 +302,17 @@ def test_close_answers_what_is_queued_and_refuses_what_comes_after() -> None:
             await held(writer)
             accepted += [committer.submit(f"queued-{k}", 1, None) for k in range(3)]
             closed = asyncio.create_task(asyncio.to_thread(committer.close))
+            give_up = time.monotonic() + WAIT_SECONDS
             while True:  # close() marks the queue closed at once, then waits for the thread
                 try:
                     accepted.append(committer.submit(f"racing-{len(accepted)}", 1, None))
                 except Unavailable:
                     break
+                assert time.monotonic() < give_up, "close() never refused a call"
                 await asyncio.sleep(0.005)
             assert not closed.done(), "close() returned with a batch still being written"
             writer.release.set()
-            replies = [await committer.result(p) for p in accepted]
+            replies = [await answer(committer, p) for p in accepted]
             await closed
             with pytest.raises(Unavailable, match="stopping"):
                 committer.submit("after-close", 1, None)
@@ -733,7 +742,9 @@ def test_cycle_streams_are_bounded_and_idle_ones_ended(database_url: str) -> Non
             )
             for event in sending:
                 assert event.wait(WAIT_SECONDS)
-            time.sleep(0.3)  # both streams kept alive past the idle check's first turns
+            # The server counts a stream once its handler has started, moments after the
+            # call: give it those moments (a probe stream would compete for the places).
+            time.sleep(0.3)
             before = snapshot(database_url)
             for method in (cs.CLOSE_METHOD, cs.PREVIEW_METHOD):
                 with pytest.raises(grpc.RpcError) as refused:
@@ -846,7 +857,7 @@ def test_serve_refuses_a_limit_below_one(
         env={**clean, **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=30,
     )
     assert result.returncode == 2, result
     assert named in result.stderr, result.stderr

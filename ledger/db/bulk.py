@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy.orm import Session
 
+from ledger.alloc import table_order
 from ledger.db.u64 import to_signed
 
 ROWS_PER_WRITE = 1 << 17  # rows per COPY block: bounds memory, lets work overlap
@@ -63,17 +64,8 @@ def allocation_rows(
     amount: npt.NDArray[np.int64],
 ) -> AllocationRows:
     """One cycle's allocations, given in position order, as rows sorted by the table's key
-    (see models.Allocation). Done before the write takes any lock: the sort of a million
-    rows takes tenths of a second."""
-    accounts = account_id.view(np.int64)
-    order = np.argsort(accounts, kind="stable")  # within an account, still position order
-    return AllocationRows(
-        accounts[order],
-        position_id.view(np.int64)[order],
-        pnl[order],
-        amount[order],
-        order.astype(np.int64),
-    )
+    (see models.Allocation), before the write takes any lock."""
+    return AllocationRows(*table_order(position_id, account_id, pnl, amount))
 
 
 def insert_allocations(

@@ -13,6 +13,7 @@ use std::fmt;
 
 pub mod decode;
 mod ids;
+pub mod order;
 pub mod ratio;
 mod select;
 mod split;

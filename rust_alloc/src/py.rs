@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use crate::decode::{self, DecodeError, Item, PositionColumns};
+use crate::order;
 use crate::{allocate as allocate_core, AllocError, Allocation, Policy, Positions};
 
 pyo3::create_exception!(
@@ -221,6 +222,63 @@ fn encode_allocation_chunks<'py>(
     Ok(chunks.iter().map(|chunk| PyBytes::new(py, chunk)).collect())
 }
 
+/// The allocation rows in the table's order (see `order`): (account_id, position_id, pnl,
+/// amount, rank), each column permuted, the rank being each row's index in the input.
+#[pyfunction]
+fn table_order<'py>(
+    py: Python<'py>,
+    position_id: &Bound<'py, PyAny>,
+    account_id: &Bound<'py, PyAny>,
+    pnl: &Bound<'py, PyAny>,
+    amount: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let position_id = Column::<u64>::get("position_id", "uint64", position_id)?;
+    let account_id = Column::<u64>::get("account_id", "uint64", account_id)?;
+    let pnl = Column::<i64>::get("pnl", "int64", pnl)?;
+    let amount = Column::<i64>::get("amount", "int64", amount)?;
+    let (ids, accounts, pnls, amounts) = (
+        position_id.slice(),
+        account_id.slice(),
+        pnl.slice(),
+        amount.slice(),
+    );
+    if [ids.len(), pnls.len(), amounts.len()]
+        .iter()
+        .any(|&len| len != accounts.len())
+    {
+        return Err(ColumnLengthError::new_err(
+            "allocation columns have unequal lengths",
+        ));
+    }
+    if u32::try_from(accounts.len()).is_err() {
+        return Err(PositionLimitError::new_err(
+            "more than u32::MAX allocation rows",
+        ));
+    }
+    let columns = py.detach(|| {
+        let order = order::table_order(accounts);
+        let rank: Vec<i64> = order.iter().map(|&row| i64::from(row)).collect();
+        (
+            order::gather(accounts, &order),
+            order::gather(ids, &order),
+            order::gather(pnls, &order),
+            order::gather(amounts, &order),
+            rank,
+        )
+    });
+    let (accounts, ids, pnls, amounts, rank) = columns;
+    PyTuple::new(
+        py,
+        [
+            accounts.into_pyarray(py).into_any(),
+            ids.into_pyarray(py).into_any(),
+            pnls.into_pyarray(py).into_any(),
+            amounts.into_pyarray(py).into_any(),
+            rank.into_pyarray(py).into_any(),
+        ],
+    )
+}
+
 pub(crate) fn policy(insurance_share: &str, coverage_ratio: &str) -> PyResult<Policy> {
     Policy::parse(insurance_share, coverage_ratio).map_err(to_py)
 }
@@ -291,6 +349,7 @@ fn _alloc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("POSITIONS_MAX", crate::POSITIONS_MAX)?;
     m.add_function(wrap_pyfunction!(allocate, m)?)?;
     m.add_function(wrap_pyfunction!(encode_allocation_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(table_order, m)?)?;
     m.add_class::<CycleInputDecoder>()?;
     m.add(
         "MalformedMessageError",

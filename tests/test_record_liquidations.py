@@ -442,7 +442,7 @@ TABLE = [
     ),
 ]
 
-ROWS: list[Batch] = [p.values[0] for p in TABLE]  # type: ignore[misc]
+ROWS: list[Batch] = [p.values[0] for p in TABLE]
 
 
 def market_with_closed_cycle(client: Client) -> None:
@@ -452,6 +452,8 @@ def market_with_closed_cycle(client: Client) -> None:
 
 @pytest.mark.parametrize("batch", TABLE)
 def test_mixed_batch(client: Client, database_url: str, batch: Batch) -> None:
+    """Each item's code, message and result as the table and the reference say, in request
+    order; and the journal holds exactly the entries of the items that recorded something."""
     market_with_closed_cycle(client)
     model = Model()
     entry_of: dict[str, int] = {}  # the entry of each id recorded, from its first result
@@ -502,7 +504,7 @@ def test_mixed_batch(client: Client, database_url: str, batch: Batch) -> None:
             assert entry.kind == pb.ENTRY_KIND_LIQUIDATION_LOSS
             assert postings == {"system_loss": value, "liquidation_engine": -value}
     counts = snapshot(database_url)["counts"]
-    assert counts["liquidations"] == len(model.recorded)  # type: ignore[index]
+    assert counts["liquidations"] == len(model.recorded)
 
 
 # --- the same as the unary call -----------------------------------------------------------------
@@ -574,18 +576,19 @@ def test_batch_equals_unary_calls(backend: str, tmp_path: Path) -> None:
 
 # --- replay ----------------------------------------------------------------------------------
 
-# The table's requests but those of the row whose ids first fail and then succeed with other
-# content: replayed, such a first item meets the id recorded by the second, and the unary
-# call (which the batch follows) then answers ALREADY_EXISTS instead of its first failure.
+# The table's requests, but for the row whose ids first fail and then succeed with other
+# content: replayed, such a first item meets the id the second recorded, so the unary call
+# (which each item follows) answers it ALREADY_EXISTS the second time, not its first failure.
 REPLAYABLE = [
     r
     for param in TABLE
     if param.id != "repeat-after-a-failed-first"
-    for r in (*param.values[0].before, *param.values[0].requests())  # type: ignore[union-attr]
+    for r in (*param.values[0].before, *param.values[0].requests())
 ]
 
 
 def test_replayed_batch_posts_nothing(client: Client, database_url: str) -> None:
+    """A mixed batch sent again identically: no row or balance changes, the same outcomes."""
     market_with_closed_cycle(client)
     first = client.clearing.RecordLiquidations(
         pb.RecordLiquidationsRequest(liquidations=REPLAYABLE)
@@ -618,6 +621,7 @@ def many(count: int) -> list[pb.RecordLiquidationRequest]:
 
 
 def test_empty_and_oversized_batches_are_refused_whole(client: Client, database_url: str) -> None:
+    """0 and 10,001 valid items: the call fails INVALID_ARGUMENT naming 10000, writes nothing."""
     setup_market(client)
     before = snapshot(database_url)
     for requests in ([], many(LIMIT + 1)):
@@ -629,6 +633,7 @@ def test_empty_and_oversized_batches_are_refused_whole(client: Client, database_
 
 
 def test_a_full_batch_of_ten_thousand(client: Client, database_url: str) -> None:
+    """10,000 items, the limit, all recorded in order; replayed whole, nothing new."""
     setup_market(client)
     requests = many(LIMIT)
     outcomes = record_batch(client, requests)
@@ -644,7 +649,7 @@ def test_a_full_batch_of_ten_thousand(client: Client, database_url: str) -> None
     }
     entry_ids = [o.result.entry_id for o in outcomes if o.result.entry_id]
     assert len(set(entry_ids)) == len(entry_ids) == sum(e.posted for e in model.new)
-    assert snapshot(database_url)["counts"]["liquidations"] == LIMIT  # type: ignore[index]
+    assert snapshot(database_url)["counts"]["liquidations"] == LIMIT
     fund = client.query.GetFund(pb.GetFundRequest(currency="USDT"))
     assert fund.balance == model.fund["USDT"]
     # Replayed whole, the full batch finds every id recorded: nothing new, the same answers.
@@ -657,6 +662,8 @@ def test_a_full_batch_of_ten_thousand(client: Client, database_url: str) -> None
 
 
 def test_ledger_invariants_after_a_mixed_batch(client: Client, database_url: str) -> None:
+    """Every entry balances; the cached balances are the journal's; each fund is its
+    liquidation profits, each system loss its liquidation losses, as the outcomes say."""
     market_with_closed_cycle(client)
     outcomes = record_batch(client, EVERY_REQUEST)
     recorded = {o.result.liquidation_id: o.result for o in outcomes if o.code == OK}

@@ -59,7 +59,6 @@ class CycleInputDecoder:
 def encode_allocation_chunks(
     position_id: object, account_id: object, pnl: object, amount: object, rows_per_chunk: int
 ) -> list[bytes]: ...
-
 def table_order(
     position_id: object, account_id: object, pnl: object, amount: object
 ) -> tuple[
@@ -69,3 +68,6 @@ def table_order(
     npt.NDArray[np.int64],
     npt.NDArray[np.int64],
 ]: ...
+def allocations_digest(
+    position_id: object, account_id: object, pnl: object, amount: object
+) -> str: ...

@@ -13,7 +13,7 @@ from ledger import money
 from ledger.db import models
 from ledger.db.store import now_us
 from ledger.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from ledger.journal import SYSTEM_ACCOUNTS
+from ledger.journal import GENESIS_HASH, SYSTEM_ACCOUNTS
 
 DEFAULT_INSURANCE_SHARE = "0.2"
 DEFAULT_COVERAGE_RATIO = "0.9"
@@ -68,6 +68,7 @@ def create_currency(session: Session, code: str, scale: int) -> CurrencyView:
         models.Account(currency=code, name=name, balance=0, credit_total=0, debit_total=0)
         for name in SYSTEM_ACCOUNTS
     )
+    session.add(models.ChainHead(currency=code, seq=0, hash=GENESIS_HASH))
     session.add(
         models.Policy(
             currency=code,
@@ -165,7 +166,9 @@ def upsert_contract(
         if row.margin_currency != margin_currency:
             raise FailedPrecondition(
                 f"contract {symbol} is margined in {row.margin_currency}; its margin currency "
-                f"cannot change to {margin_currency}"
+                f"cannot change to {margin_currency}",
+                type="CONTRACT_CURRENCY_FIXED",
+                subject=f"contract {symbol}",
             )
         row.kind, row.multiplier, row.updated_at_us = kind, multiplier_text, now_us()
     session.flush()

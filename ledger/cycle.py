@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ledger import journal, money
-from ledger.alloc import AllocationResult, CycleInputDecoder
+from ledger.alloc import AllocationResult, CycleInputDecoder, allocations_digest
 from ledger.currency import current_policy, get_currency
 from ledger.db import bulk, closes, models
 from ledger.db.batch import BatchStatements
@@ -208,6 +208,9 @@ def _plan(
         cycle_row=_cycle_row(summary, basis.policy_version),
         closed_at_us=closed_at,
         allocations=bulk.allocation_rows(
+            result.position_id, result.account_id, result.pnl, result.amount
+        ),
+        allocations_digest=allocations_digest(
             result.position_id, result.account_id, result.pnl, result.amount
         ),
     )

@@ -25,7 +25,15 @@ class AlreadyExists(LedgerError):
 
 
 class FailedPrecondition(LedgerError):
-    """A rule of the ledger's state: a balance, a closed cycle, a contract's currency."""
+    """A rule of the ledger's state: a balance, a closed cycle, a contract's currency.
+
+    `type` names the rule for a client program (google.rpc.PreconditionFailure's type) and
+    `subject` what it is about."""
+
+    def __init__(self, message: str, *, type: str = "LEDGER_STATE", subject: str = "") -> None:
+        super().__init__(message)
+        self.type = type
+        self.subject = subject
 
 
 class ResourceExhausted(LedgerError):

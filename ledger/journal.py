@@ -9,6 +9,8 @@ new entries, and no code path updates or deletes one.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,3 +115,49 @@ def check_postings(postings: Sequence[Posting]) -> None:
     total = sum(p.amount for p in postings)
     if total != 0:
         raise AssertionError(f"postings sum to {total}, not zero: {postings}")
+
+
+# --- the tamper-evident chain ------------------------------------------------------------
+#
+# Every entry of a currency, and every cycle close, is a link of the currency's chain: its
+# `chain_seq` is 1 + the link before it, and its hash is SHA-256 over a canonical encoding of
+# its content and the hash of the link before it (GENESIS_HASH before the first). A changed,
+# deleted or inserted row breaks the chain at that row; VerifyLedger recomputes it.
+
+GENESIS_HASH = "0" * 64
+
+
+def entry_hash(
+    previous: str,
+    seq: int,
+    entry_id: int,
+    transfer: Transfer,
+    created_at_us: int,
+) -> str:
+    """The hash of an entry: its fields and its postings, in a fixed order, as JSON."""
+    postings = [[p.account, p.amount] for p in transfer.postings()]
+    return _link_hash(
+        [
+            "entry",
+            previous,
+            transfer.currency,
+            seq,
+            entry_id,
+            int(transfer.kind),
+            transfer.reference,
+            postings,
+            transfer.memo,
+            created_at_us,
+        ]
+    )
+
+
+def cycle_hash(previous: str, seq: int, fields: Sequence[object]) -> str:
+    """The hash of a cycle close: its summary's stored fields (which carry the digest of its
+    allocation rows), in a fixed order."""
+    return _link_hash(["cycle", previous, seq, *fields])
+
+
+def _link_hash(parts: list[object]) -> str:
+    text = json.dumps(parts, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -301,7 +301,9 @@ def decide(
         if (currency, r.cycle_id) in rows.closed:
             outcomes[i] = FailedPrecondition(
                 f"cycle {r.cycle_id!r} of {currency} is closed; report liquidations in an "
-                "open cycle"
+                "open cycle",
+                type="CYCLE_CLOSED",
+                subject=f"cycle {r.cycle_id} of {currency}",
             )
             continue
         entry_id: int | None = None
@@ -312,7 +314,8 @@ def decide(
                 outcomes[i] = refused
                 continue
             entry_id = rows.entry_ids.take()
-            entry_rows.append(store.entry_row(entry_id, entry, created))
+            link = rows.heads.link_entry(entry_id, entry, created)
+            entry_rows.append(store.entry_row(entry_id, entry, created, link))
         first_in_batch[r.liquidation_id] = i
         outcome = outcome_of(value)
         fund_balance = accounts[(currency, INSURANCE_FUND)].balance

@@ -159,16 +159,7 @@ class AllocationColumns:
         return len(self.amount)
 
 
-_READ_COLUMNS = "position_id, account_id, pnl, amount"
-# Binary COPY of four int8 columns: a 2-byte field count, then (4-byte length, 8 bytes) × 4.
-_PG_READ_ROW = np.dtype(
-    [("fields", ">i2")]
-    + [
-        item
-        for name in _READ_COLUMNS.split(", ")
-        for item in ((f"{name}_len", ">i4"), (name, ">i8"))
-    ]
-)
+_READ_COLUMNS = ("position_id", "account_id", "pnl", "amount")
 _PG_COPY_SIGNATURE_BYTES = 11
 
 
@@ -183,39 +174,77 @@ def read_allocations(
     where = f"cycle_pk = {int(cycle_pk)}"
     if account_id is not None:
         where += f" AND account_id = {int(to_signed(account_id))}"
-    query = f"SELECT {_READ_COLUMNS} FROM allocations WHERE {where}"
-    connection = driver_connection(session)
-    if session.get_bind().dialect.name == "postgresql":
-        table = _copy_out(connection, query)
-    else:
-        table = _fetch_all(connection, query)
-    order = np.argsort(table.position_id)
+    table = _read(session, _READ_COLUMNS, where)
+    order = np.argsort(table["position_id"].view(np.uint64))
     for start in range(0, len(order), rows_per_chunk):
         rows = order[start : start + rows_per_chunk]
         yield AllocationColumns(
-            table.position_id[rows], table.account_id[rows], table.pnl[rows], table.amount[rows]
+            table["position_id"][rows].view(np.uint64),
+            table["account_id"][rows].view(np.uint64),
+            table["pnl"][rows],
+            table["amount"][rows],
         )
 
 
-def _fetch_all(connection: Any, query: str) -> AllocationColumns:
+@dataclass(frozen=True, slots=True)
+class AllocationTable:
+    """A cycle's allocation rows in position order, with their entry ids."""
+
+    position_id: npt.NDArray[np.uint64]
+    account_id: npt.NDArray[np.uint64]
+    pnl: npt.NDArray[np.int64]
+    amount: npt.NDArray[np.int64]
+    entry_id: npt.NDArray[np.int64]
+
+
+def read_allocation_table(session: Session, cycle_pk: int) -> AllocationTable:
+    """Every allocation row with the cycle_pk, as stored (VerifyLedger's read)."""
+    table = _read(session, (*_READ_COLUMNS, "entry_id"), f"cycle_pk = {int(cycle_pk)}")
+    order = np.argsort(table["position_id"].view(np.uint64), kind="stable")
+    return AllocationTable(
+        table["position_id"][order].view(np.uint64),
+        table["account_id"][order].view(np.uint64),
+        table["pnl"][order],
+        table["amount"][order],
+        table["entry_id"][order],
+    )
+
+
+def _read(
+    session: Session, columns: tuple[str, ...], where: str
+) -> dict[str, npt.NDArray[np.int64]]:
+    """int8 columns of the allocation rows that match, by the backend's fastest path."""
+    query = f"SELECT {', '.join(columns)} FROM allocations WHERE {where}"
+    connection = driver_connection(session)
+    if session.get_bind().dialect.name == "postgresql":
+        return _copy_out(connection, query, columns)
+    return _fetch_all(connection, query, columns)
+
+
+def _fetch_all(
+    connection: Any, query: str, columns: tuple[str, ...]
+) -> dict[str, npt.NDArray[np.int64]]:
     cursor = connection.cursor()
     try:
         cursor.execute(query)
         blocks = []
         while rows := cursor.fetchmany(ROWS_PER_WRITE):
-            blocks.append(np.array(rows, dtype=np.int64).reshape(-1, 4))
+            blocks.append(np.array(rows, dtype=np.int64).reshape(-1, len(columns)))
     finally:
         cursor.close()
-    table = np.concatenate(blocks) if blocks else np.empty((0, 4), dtype=np.int64)
-    return AllocationColumns(
-        np.ascontiguousarray(table[:, 0]).view(np.uint64),
-        np.ascontiguousarray(table[:, 1]).view(np.uint64),
-        np.ascontiguousarray(table[:, 2]),
-        np.ascontiguousarray(table[:, 3]),
+    table = np.concatenate(blocks) if blocks else np.empty((0, len(columns)), dtype=np.int64)
+    return {name: np.ascontiguousarray(table[:, n]) for n, name in enumerate(columns)}
+
+
+def _copy_out(
+    connection: Any, query: str, columns: tuple[str, ...]
+) -> dict[str, npt.NDArray[np.int64]]:
+    """Binary COPY of int8 columns: per row a 2-byte field count, then (4-byte length,
+    8 bytes) per column."""
+    row_type = np.dtype(
+        [("fields", ">i2")]
+        + [item for name in columns for item in ((f"{name}_len", ">i4"), (name, ">i8"))]
     )
-
-
-def _copy_out(connection: Any, query: str) -> AllocationColumns:
     data = bytearray()
     with (
         connection.cursor() as cursor,
@@ -225,10 +254,5 @@ def _copy_out(connection: Any, query: str) -> AllocationColumns:
             data += block
     extension = int.from_bytes(data[15:19], "big")
     body = memoryview(data)[_PG_COPY_SIGNATURE_BYTES + 8 + extension : len(data) - 2]
-    rows = np.frombuffer(body, dtype=_PG_READ_ROW)
-    return AllocationColumns(
-        rows["position_id"].astype(np.int64).view(np.uint64),
-        rows["account_id"].astype(np.int64).view(np.uint64),
-        rows["pnl"].astype(np.int64),
-        rows["amount"].astype(np.int64),
-    )
+    rows = np.frombuffer(body, dtype=row_type)
+    return {name: rows[name].astype(np.int64) for name in columns}

@@ -78,6 +78,7 @@ class ClosePlan:
     cycle_row: dict[str, object]  # the cycle's columns but id and allocation_first_entry_id
     closed_at_us: int
     allocations: bulk.AllocationRows  # sorted for the table, not yet placed
+    allocations_digest: str  # alloc.allocations_digest, taken before any lock
 
     @property
     def allocation_count(self) -> int:
@@ -198,12 +199,55 @@ def finish(db: BatchStatements, plan: ClosePlan, cycle_pk: int, first_entry_id: 
         )
         if refused is not None:
             raise refused
-    store.append(db, accounts, plan.transfers, plan.closed_at_us)
-    row = dict(plan.cycle_row, id=cycle_pk, allocation_first_entry_id=first_entry_id)
-    statements: list[Any] = [Insert(CYCLES, [[row[column.name] for column in CYCLES.columns]])]
+    heads = store.read_heads(db, [plan.currency])
+    store.append(db, accounts, heads, plan.transfers, plan.closed_at_us)
+    row = dict(
+        plan.cycle_row,
+        id=cycle_pk,
+        allocation_first_entry_id=first_entry_id,
+        allocations_digest=plan.allocations_digest,
+    )
+    row["chain_seq"], row["hash"] = heads.link_cycle(plan.currency, cycle_fields(row))
+    statements: list[Any] = [
+        Insert(CYCLES, [[row[column.name] for column in CYCLES.columns]]),
+        *heads.writes(),
+    ]
     if db.is_sqlite:
         statements.append(("DELETE FROM close_attempts WHERE id = ?", (cycle_pk,)))
     db.write_together(statements)
+
+
+# The cycle columns its chain link hashes, in order.
+CYCLE_HASHED_COLUMNS = (
+    "currency",
+    "cycle_id",
+    "loss_total",
+    "fund_balance_before",
+    "fund_share",
+    "fund_paid",
+    "user_due",
+    "allocated_total",
+    "uncovered",
+    "positions_total",
+    "profitable_count",
+    "profit_total",
+    "participant_count",
+    "participant_profit",
+    "cutoff_pnl",
+    "widened",
+    "input_digest",
+    "insurance_share",
+    "coverage_ratio",
+    "policy_version",
+    "allocation_first_entry_id",
+    "closed_at_us",
+    "allocations_digest",
+)
+
+
+def cycle_fields(row: dict[str, Any]) -> list[object]:
+    """A cycle row's hashed fields (widened as a bool: SQLite stores it as 0 or 1)."""
+    return [bool(row[n]) if n == "widened" else row[n] for n in CYCLE_HASHED_COLUMNS]
 
 
 def _check_active(is_active: IsActive, plan: ClosePlan) -> None:

@@ -43,6 +43,7 @@ class BatchRows:
     previous: list[tuple[Any, ...]]  # id, request_hash, currency, result, outcome, fund, entry
     closed: set[tuple[str, str]]  # (currency, cycle_id)
     entry_ids: store.EntryIds
+    heads: store.ChainHeads
 
 
 def read(
@@ -51,13 +52,14 @@ def read(
     """Lock the accounts of the symbols' currencies, then read the rest (each statement of
     PostgreSQL's pipeline reads its own snapshot, so these see what the locks waited for)."""
     lock = store.lock_accounts_query(db, ACCOUNT_NAMES, Query(_CURRENCIES_OF_SYMBOLS, symbols))
-    account_rows, contracts, previous, closed, ids = db.select_together(
+    account_rows, contracts, previous, closed, ids, heads = db.select_together(
         [lock],
         [
             Query(_SELECT_CONTRACTS, symbols),
             Query(_SELECT_PREVIOUS, liquidation_ids),
             Query(_SELECT_CLOSED, cycle_ids),
             store.entry_ids_query(db, len(liquidation_ids)),
+            store.chain_heads_query(Query(_CURRENCIES_OF_SYMBOLS, symbols)),
         ],
     )
     return BatchRows(
@@ -66,6 +68,7 @@ def read(
         previous,
         {(currency, cycle_id) for currency, cycle_id in closed},
         store.entry_ids_of(db, ids),
+        store.heads_of(heads),
     )
 
 
@@ -79,7 +82,11 @@ def writes(
         return []
     statements: list[Statement | Insert] = [*store.account_writes(rows.accounts)]
     if entry_rows:
-        statements += [*rows.entry_ids.writes(), Insert(store.ENTRIES, entry_rows)]
+        statements += [
+            *rows.entry_ids.writes(),
+            *rows.heads.writes(),
+            Insert(store.ENTRIES, entry_rows),
+        ]
     return [*statements, Insert(LIQUIDATIONS, liquidation_rows)]
 
 

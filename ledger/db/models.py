@@ -120,6 +120,20 @@ class Entry(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     memo: Mapped[str] = mapped_column(Text, default="")
     created_at_us: Mapped[int] = mapped_column(BigInteger)
+    # Its link in the currency's chain (see journal.entry_hash; VerifyLedger checks it).
+    chain_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    hash: Mapped[str] = mapped_column(String(64), server_default="")
+
+
+class ChainHead(Base):
+    """The last link of a currency's chain: its sequence number and hash. Moved by every
+    writer of the currency, under the currency's insurance_fund row, which they all lock."""
+
+    __tablename__ = "chain_heads"
+
+    currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
 
 
 class Transfer(Base):
@@ -193,6 +207,10 @@ class Cycle(Base):
     policy_version: Mapped[int] = mapped_column(Integer)
     allocation_first_entry_id: Mapped[int] = mapped_column(BigInteger)
     closed_at_us: Mapped[int] = mapped_column(BigInteger)
+    # The digest of its allocation rows (alloc.allocations_digest), and its chain link.
+    allocations_digest: Mapped[str] = mapped_column(String(64), server_default="")
+    chain_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    hash: Mapped[str] = mapped_column(String(64), server_default="")
 
 
 class Allocation(Base):

@@ -132,6 +132,21 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
+    @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A read-only transaction that sees one state of the database throughout
+        (PostgreSQL: REPEATABLE READ; SQLite: a WAL read transaction), for reads that span
+        many statements (VerifyLedger)."""
+        with self._sessions() as session, session.begin():
+            if not self.is_sqlite:
+                session.connection(
+                    execution_options={
+                        "isolation_level": "REPEATABLE READ",
+                        "postgresql_readonly": True,
+                    }
+                )
+            yield session
+
     def writer_connection(self) -> WriterConnection:
         """A connection of the liquidation writer's own (not from the pool)."""
         if self._write_gate is not None:

@@ -11,6 +11,9 @@ nothing here commits.
   liquidation either lands before a close reads the cycle's loss or sees the cycle closed.
 - Bounds: a balance and both running totals stay within int64, and the insurance fund never
   goes below zero. The locked rows are moved in memory (AccountState.move) and written back.
+- Chain: every entry and cycle close is a link of its currency's chain (journal.entry_hash);
+  the head is read under the locks (every writer of a currency locks its insurance_fund row)
+  and moved with the links.
 - Entry ids: on PostgreSQL from the sequence `entry_ids`, so that writers of different
   currencies share no hot row; a cycle close takes a consecutive block for its allocation
   rows. On SQLite (one writer at a time anyway) from the `counters` row.
@@ -21,14 +24,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ledger import journal
 from ledger.db import models
 from ledger.db.batch import BatchStatements, Insert, Query, Statement
 from ledger.errors import FailedPrecondition, InvalidArgument, LedgerError, NotFound
 from ledger.journal import (
+    INSURANCE_FUND,
     NON_NEGATIVE_ACCOUNTS,
     SYSTEM_ACCOUNTS,
     SYSTEM_LOSS,
@@ -154,7 +160,9 @@ def move_amount(
         if state.floor == 0 and state.balance - debits < 0:
             return FailedPrecondition(
                 f"{state.name} of {state.currency} has balance {state.balance}, less than "
-                f"the {debits} to be taken from it"
+                f"the {debits} to be taken from it",
+                type="INSUFFICIENT_BALANCE",
+                subject=f"{state.name} of {state.currency}",
             )
         return InvalidArgument(
             field,
@@ -256,11 +264,69 @@ def reserve_entry_block(db: BatchStatements, count: int) -> int:
     return last - count + 1
 
 
+# --- the chain ----------------------------------------------------------------------------
+
+_SELECT_HEADS = "SELECT currency, seq, hash FROM chain_heads WHERE currency {}"
+_SET_HEAD = "UPDATE chain_heads SET seq = ?, hash = ? WHERE currency = ?"
+
+
+def chain_heads_query(currencies: Query) -> Query:
+    """The heads of the currencies' chains (read after the accounts are locked: every writer
+    of a currency locks its insurance_fund row, which keeps its chain still)."""
+    if currencies.sql:
+        return Query(_SELECT_HEADS.format(f"IN ({currencies.sql})"), currencies.keys)
+    return Query(_SELECT_HEADS, currencies.keys)
+
+
+@dataclass(slots=True)
+class ChainHeads:
+    """The currencies' chain heads as read under the locks, moved as links are made."""
+
+    heads: dict[str, tuple[int, str]]
+    moved: set[str] = field(default_factory=set)
+
+    def link_entry(self, entry_id: int, transfer: Transfer, created_at_us: int) -> tuple[int, str]:
+        """The next link of the transfer's currency: its (chain_seq, hash)."""
+        seq, previous = self._head(transfer.currency)
+        link = seq + 1, journal.entry_hash(previous, seq + 1, entry_id, transfer, created_at_us)
+        self._move(transfer.currency, link)
+        return link
+
+    def link_cycle(self, currency: str, fields: Sequence[object]) -> tuple[int, str]:
+        seq, previous = self._head(currency)
+        link = seq + 1, journal.cycle_hash(previous, seq + 1, fields)
+        self._move(currency, link)
+        return link
+
+    def _head(self, currency: str) -> tuple[int, str]:
+        head = self.heads.get(currency)
+        if head is None:
+            raise NotFound(f"currency {currency!r} has no chain (not locked)")
+        return head
+
+    def _move(self, currency: str, link: tuple[int, str]) -> None:
+        self.heads[currency] = link
+        self.moved.add(currency)
+
+    def writes(self) -> list[Statement]:
+        return [(_SET_HEAD, (*self.heads[c], c)) for c in sorted(self.moved)]
+
+
+def heads_of(rows: Iterable[Sequence[Any]]) -> ChainHeads:
+    return ChainHeads({str(c): (int(seq), str(h)) for c, seq, h in rows})
+
+
+def read_heads(db: BatchStatements, currencies: Iterable[str]) -> ChainHeads:
+    return heads_of(db.rows(chain_heads_query(currency_keys(currencies))))
+
+
 # --- entries ------------------------------------------------------------------------------
 
 
-def entry_row(entry_id: int, transfer: Transfer, created_at_us: int) -> tuple[object, ...]:
-    """An `entries` row, in the table's column order."""
+def entry_row(
+    entry_id: int, transfer: Transfer, created_at_us: int, link: tuple[int, str]
+) -> tuple[object, ...]:
+    """An `entries` row, in the table's column order, with its chain link."""
     return (
         entry_id,
         transfer.currency,
@@ -271,6 +337,7 @@ def entry_row(entry_id: int, transfer: Transfer, created_at_us: int) -> tuple[ob
         transfer.amount,
         transfer.memo,
         created_at_us,
+        *link,
     )
 
 
@@ -283,21 +350,33 @@ def post(db: BatchStatements, transfers: Sequence[Transfer], created_at_us: int)
     if not transfers:
         return []
     names = sorted({n for t in transfers for n in (t.debit, t.credit) if n in SYSTEM_ACCOUNTS})
-    accounts = lock_accounts(db, names, currency_keys({t.currency for t in transfers}))
+    currencies = {t.currency for t in transfers}
+    accounts = lock_accounts(db, [*names, INSURANCE_FUND], currency_keys(currencies))
+    heads = read_heads(db, currencies)
     for transfer in transfers:
         refused = move(accounts, transfer)
         if refused is not None:
             raise refused
-    return append(db, accounts, transfers, created_at_us)
+    entry_ids = append(db, accounts, heads, transfers, created_at_us)
+    db.write_together(heads.writes())
+    return entry_ids
 
 
 def append(
-    db: BatchStatements, accounts: Accounts, transfers: Sequence[Transfer], created_at_us: int
+    db: BatchStatements,
+    accounts: Accounts,
+    heads: ChainHeads,
+    transfers: Sequence[Transfer],
+    created_at_us: int,
 ) -> list[int]:
-    """Write the moved accounts and the entries (ids reserved now, after the locks)."""
+    """Write the moved accounts and the entries (ids reserved now, after the locks), each a
+    link of its currency's chain; the caller writes the heads (heads.writes()) last."""
     ids = reserve_entry_ids(db, len(transfers)) if transfers else EntryIds([])
     entry_ids = [ids.take() for _ in transfers]
-    rows = [entry_row(i, t, created_at_us) for i, t in zip(entry_ids, transfers, strict=True)]
+    rows = [
+        entry_row(i, t, created_at_us, heads.link_entry(i, t, created_at_us))
+        for i, t in zip(entry_ids, transfers, strict=True)
+    ]
     writes: list[Statement | Insert] = [*account_writes(accounts), *ids.writes()]
     if rows:
         writes.append(Insert(ENTRIES, rows))

@@ -64,5 +64,5 @@ class ClearingService(pb_grpc.ClearingServicer):
             return reply
         if isinstance(reply, Exception):
             raise reply
-        code, message = reply
-        raise Aborted(grpc_status(code), message)
+        code, message, status = reply
+        raise Aborted(grpc_status(code), message, status)

@@ -23,6 +23,7 @@ import grpc.aio
 
 from ledger.errors import Cancelled, DeadlineExceeded
 from ledger.limits import STREAM_IDLE_SECONDS_DEFAULT
+from ledger.server.details import DETAILS_KEY, status_details
 from ledger.server.status import internal_details, status_for
 
 log = logging.getLogger("ledger.calls")
@@ -43,12 +44,14 @@ _END = object()  # the end of a request stream, passed from the loop to a handle
 
 
 class Aborted(Exception):
-    """A handler on a thread ended its call with this status (ThreadContext.abort)."""
+    """A handler ended its call with this status (ThreadContext.abort, or a reply from the
+    liquidation writer), with its serialized google.rpc.Status when it has rich details."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, status: bytes | None = None) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.status = status
 
 
 class ThreadContext:
@@ -237,10 +240,12 @@ _END_CONFIRM_TURNS = 3
 
 async def _abort(context: _Context, method: str, error: Exception) -> NoReturn:
     if isinstance(error, Aborted):
-        await context.abort(error.code, error.details)
+        await context.abort(error.code, error.details, _trailer(error.status))
     code = status_for(error)
     if code is not None:
-        await context.abort(code, str(error))
+        message = str(error)
+        details = status_details(error, code.value[0], message)
+        await context.abort(code, message, _trailer(details))
     if isinstance(error, NotImplementedError):
         # A generated base class: the method is in the contract but not served.
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
@@ -248,6 +253,11 @@ async def _abort(context: _Context, method: str, error: Exception) -> NoReturn:
         # The client cancelled or the deadline passed while the handler ran: not a fault.
         await context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
     await context.abort(grpc.StatusCode.INTERNAL, internal_details(method, error))
+
+
+def _trailer(status: bytes | None) -> tuple[tuple[str, bytes], ...]:
+    """The rich details of a status as grpcio-status sends them."""
+    return () if status is None else ((DETAILS_KEY, status),)
 
 
 def _log(method: str, context: _Context, started: float) -> None:

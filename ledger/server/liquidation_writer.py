@@ -41,6 +41,7 @@ from ledger.errors import InvalidArgument, Unavailable
 from ledger.group_commit import Admit, BatchRunner
 from ledger.liquidation import LiquidationRequest, LiquidationResult
 from ledger.server.codes import Code, reply_status
+from ledger.server.details import status_details
 
 log = logging.getLogger("ledger.writer")
 
@@ -50,7 +51,8 @@ RECORD_LIQUIDATION = "/insurance.v1.Clearing/RecordLiquidation"
 RECORD_LIQUIDATIONS = "/insurance.v1.Clearing/RecordLiquidations"
 
 Call = tuple[int, bytes]  # (UNARY or BATCH, the request as received)
-Reply = bytes | tuple[int, str]  # the serialized response, or (status code, message)
+# The serialized response, or (status code, message, serialized google.rpc.Status or None).
+Reply = bytes | tuple[int, str, bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +303,8 @@ def _reply(kind: int, results: Sequence[LiquidationResult | Exception | None]) -
         if isinstance(outcome, LiquidationResult):
             return _result(outcome).SerializeToString()
         assert outcome is not None
-        return reply_status(RECORD_LIQUIDATION, outcome)
+        code, message = reply_status(RECORD_LIQUIDATION, outcome)
+        return code, message, status_details(outcome, code, message)
     return pb.RecordLiquidationsResponse(
         outcomes=[_outcome(o) for o in results]
     ).SerializeToString()

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from ledger import cycle, entries, fund
+from ledger import cycle, entries, fund, verify
 from ledger.alloc import encode_allocation_columns
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
@@ -66,3 +66,13 @@ class QueryService(pb_grpc.QueryServicer):
                     columns.amount,
                     CHUNK_ROWS_MAX,
                 )
+
+    def VerifyLedger(
+        self, request: pb.VerifyLedgerRequest, context: grpc.ServicerContext
+    ) -> pb.VerifyReport:
+        """Recomputes every chain and checks every invariant, over one snapshot."""
+        with self._db.snapshot() as session:
+            report = verify.verify(session, request.currency)
+        return pb.VerifyReport(
+            ok=report.ok, entries_checked=report.entries_checked, problems=report.problems
+        )

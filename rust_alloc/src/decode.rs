@@ -289,6 +289,38 @@ impl PositionColumns {
     }
 }
 
+/// The digest of a closed cycle's allocation rows that its chain link carries: lowercase hex
+/// SHA-256 over the rows in position order, each as 32 bytes: position_id (u64), account_id
+/// (u64), pnl (i64), amount (i64), little-endian. (A row's entry id is the cycle's first
+/// allocation id + its rank, which the link carries.) The columns must be of equal length.
+pub fn allocations_digest(
+    position_id: &[u64],
+    account_id: &[u64],
+    pnl: &[i64],
+    amount: &[i64],
+) -> String {
+    assert!(
+        [account_id.len(), pnl.len(), amount.len()]
+            .iter()
+            .all(|&len| len == position_id.len()),
+        "allocation columns of unequal length"
+    );
+    let mut hasher = Sha256::new();
+    let mut record = [0u8; 32];
+    for row in 0..position_id.len() {
+        record[..8].copy_from_slice(&position_id[row].to_le_bytes());
+        record[8..16].copy_from_slice(&account_id[row].to_le_bytes());
+        record[16..24].copy_from_slice(&pnl[row].to_le_bytes());
+        record[24..].copy_from_slice(&amount[row].to_le_bytes());
+        hasher.update(record);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);

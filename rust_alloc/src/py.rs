@@ -222,6 +222,36 @@ fn encode_allocation_chunks<'py>(
     Ok(chunks.iter().map(|chunk| PyBytes::new(py, chunk)).collect())
 }
 
+/// The digest of a cycle's allocation rows (see `decode::allocations_digest`).
+#[pyfunction]
+fn allocations_digest<'py>(
+    py: Python<'py>,
+    position_id: &Bound<'py, PyAny>,
+    account_id: &Bound<'py, PyAny>,
+    pnl: &Bound<'py, PyAny>,
+    amount: &Bound<'py, PyAny>,
+) -> PyResult<String> {
+    let position_id = Column::<u64>::get("position_id", "uint64", position_id)?;
+    let account_id = Column::<u64>::get("account_id", "uint64", account_id)?;
+    let pnl = Column::<i64>::get("pnl", "int64", pnl)?;
+    let amount = Column::<i64>::get("amount", "int64", amount)?;
+    let (ids, accounts, pnls, amounts) = (
+        position_id.slice(),
+        account_id.slice(),
+        pnl.slice(),
+        amount.slice(),
+    );
+    if [accounts.len(), pnls.len(), amounts.len()]
+        .iter()
+        .any(|&len| len != ids.len())
+    {
+        return Err(ColumnLengthError::new_err(
+            "allocation columns have unequal lengths",
+        ));
+    }
+    Ok(py.detach(|| decode::allocations_digest(ids, accounts, pnls, amounts)))
+}
+
 /// The allocation rows in the table's order (see `order`): (account_id, position_id, pnl,
 /// amount, rank), each column permuted, the rank being each row's index in the input.
 #[pyfunction]
@@ -350,6 +380,7 @@ fn _alloc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(allocate, m)?)?;
     m.add_function(wrap_pyfunction!(encode_allocation_chunks, m)?)?;
     m.add_function(wrap_pyfunction!(table_order, m)?)?;
+    m.add_function(wrap_pyfunction!(allocations_digest, m)?)?;
     m.add_class::<CycleInputDecoder>()?;
     m.add(
         "MalformedMessageError",

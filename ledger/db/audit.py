@@ -1,0 +1,133 @@
+"""What VerifyLedger reads: the raw rows of the journal, straight from the tables.
+
+Nothing here trusts a cached value: the chain's links, the entries, every cycle's summary
+and allocation rows, and the cached balances are read as stored, to be checked against each
+other (ledger.verify). Entries come in pages in chain order, so that a journal of millions
+is never in memory at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ledger.db import bulk
+from ledger.db.batch import BatchStatements
+from ledger.db.closes import CYCLE_HASHED_COLUMNS
+
+ENTRIES_PER_PAGE = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRow:
+    entry_id: int
+    chain_seq: int
+    hash: str
+    kind: int
+    reference: str
+    debit: str
+    credit: str
+    amount: int
+    memo: str
+    created_at_us: int
+
+
+def currencies(db: BatchStatements, only: str | None) -> list[str]:
+    if only:
+        rows = db.execute("SELECT code FROM currencies WHERE code = ?", (only,)).fetchall()
+    else:
+        rows = db.execute("SELECT code FROM currencies ORDER BY code").fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def head(db: BatchStatements, currency: str) -> tuple[int, str] | None:
+    row = db.execute("SELECT seq, hash FROM chain_heads WHERE currency = ?", (currency,)).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def entries(db: BatchStatements, currency: str) -> Iterator[EntryRow]:
+    """The currency's entries in chain order (then id: rows outside the chain, seq 0, first)."""
+    after = (-1, -1)
+    while True:
+        rows = db.execute(
+            "SELECT id, chain_seq, hash, kind, reference, debit_account, credit_account, amount,"
+            " memo, created_at_us FROM entries WHERE currency = ?"
+            " AND (chain_seq > ? OR (chain_seq = ? AND id > ?))"
+            f" ORDER BY chain_seq, id LIMIT {ENTRIES_PER_PAGE}",
+            (currency, after[0], after[0], after[1]),
+        ).fetchall()
+        for row in rows:
+            yield EntryRow(
+                int(row[0]),
+                int(row[1]),
+                str(row[2]),
+                int(row[3]),
+                str(row[4]),
+                str(row[5]),
+                str(row[6]),
+                int(row[7]),
+                str(row[8]),
+                int(row[9]),
+            )
+        if len(rows) < ENTRIES_PER_PAGE:
+            return
+        after = (int(rows[-1][1]), int(rows[-1][0]))
+
+
+def cycles(db: BatchStatements, currency: str) -> list[dict[str, Any]]:
+    """The currency's closed cycles with every column the checks need, in chain order."""
+    names = ("id", "chain_seq", "hash", *CYCLE_HASHED_COLUMNS)
+    rows = db.execute(
+        f"SELECT {', '.join(names)} FROM cycles WHERE currency = ? ORDER BY chain_seq, id",
+        (currency,),
+    ).fetchall()
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def allocations(session: Session, cycle_pk: int) -> bulk.AllocationTable:
+    return bulk.read_allocation_table(session, cycle_pk)
+
+
+def cycle_loss(db: BatchStatements, currency: str, cycle_id: str) -> int:
+    """The cycle's LIQUIDATION_LOSS entries, summed from the journal (not the liquidations)."""
+    row = db.execute(
+        "SELECT coalesce(sum(e.amount), 0) FROM liquidations l JOIN entries e"
+        " ON e.id = l.entry_id WHERE l.currency = ? AND l.cycle_id = ? AND l.outcome = 2",
+        (currency, cycle_id),
+    ).fetchone()
+    return int(row[0])
+
+
+def cycle_entries(db: BatchStatements, currency: str, cycle_id: str) -> list[tuple[int, int, int]]:
+    """The cycle close's own entries: (id, kind, amount) of its cover and uncovered rest."""
+    rows = db.execute(
+        "SELECT id, kind, amount FROM entries WHERE currency = ? AND reference = ?"
+        " AND kind IN (5, 7) ORDER BY id",
+        (currency, cycle_id),
+    ).fetchall()
+    return [(int(a), int(b), int(c)) for a, b, c in rows]
+
+
+def cached_accounts(db: BatchStatements, currency: str) -> list[tuple[str, int, int, int]]:
+    rows = db.execute(
+        "SELECT name, balance, credit_total, debit_total FROM accounts WHERE currency = ?"
+        " ORDER BY name",
+        (currency,),
+    ).fetchall()
+    return [(str(n), int(b), int(c), int(d)) for n, b, c, d in rows]
+
+
+def broken_liquidations(db: BatchStatements, currency: str) -> list[tuple[str, Any]]:
+    """Liquidations whose entry is missing or does not match them: (liquidation_id, entry_id)."""
+    rows = db.execute(
+        "SELECT l.liquidation_id, l.entry_id FROM liquidations l"
+        " LEFT JOIN entries e ON e.id = l.entry_id"
+        " WHERE l.currency = ? AND l.entry_id IS NOT NULL AND (e.id IS NULL"
+        " OR e.reference <> l.liquidation_id OR e.currency <> l.currency"
+        " OR e.amount <> abs(l.engine_result))",
+        (currency,),
+    ).fetchall()
+    return [(str(a), b) for a, b in rows]

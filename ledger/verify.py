@@ -125,18 +125,25 @@ def _verify_currency(session: Session, db: BatchStatements, currency: str, repor
     head = audit.head(db, currency)
     if head is None:
         report.problem(f"currency {currency} has no chain head")
-    elif head != (previous_seq, previous_hash):
+    elif head[0] != previous_seq:
         report.problem(
             f"the chain of {currency} ends at link {previous_seq} ({previous_name}), but its "
             f"head is at link {head[0]}: the last links were removed?"
         )
+    elif head[1] != previous_hash:
+        report.problem(
+            f"the head of {currency}'s chain does not hold the hash of its last link "
+            f"{previous_seq} ({previous_name}): the head or that link was changed"
+        )
     for cycle in cycles:
         report.entries_checked += _check_cycle(session, db, currency, cycle, report, balances)
     _check_cached(db, currency, balances, report)
-    for liquidation_id, entry_id in audit.broken_liquidations(db, currency):
+    for liquidation_id, what in audit.broken_liquidations(db, currency):
+        report.problem(f"liquidation {liquidation_id!r} of {currency}: {what}")
+    for entry_id, reference in audit.orphan_liquidation_entries(db, currency):
         report.problem(
-            f"liquidation {liquidation_id!r} of {currency}: its entry {entry_id} is missing or "
-            "does not match it"
+            f"entry {entry_id} of {currency} records liquidation {reference!r}, which is not "
+            "there (removed?)"
         )
 
 
@@ -190,7 +197,8 @@ def _check_entry(currency: str, row: audit.EntryRow, report: Report, balances: _
             parse_account("account", account)
         except InvalidArgument:
             report.problem(f"{name}: unknown account {account!r}")
-    if row.debit == INSURANCE_FUND and balances.balance[INSURANCE_FUND] - row.amount < 0:
+    fund = balances.balance[INSURANCE_FUND]
+    if row.debit == INSURANCE_FUND and fund >= 0 and fund - row.amount < 0:  # once per dip
         report.problem(
             f"{name} takes insurance_fund of {currency} below zero "
             f"({balances.balance[INSURANCE_FUND]} − {row.amount})"

@@ -120,14 +120,47 @@ def cached_accounts(db: BatchStatements, currency: str) -> list[tuple[str, int, 
     return [(str(n), int(b), int(c), int(d)) for n, b, c, d in rows]
 
 
-def broken_liquidations(db: BatchStatements, currency: str) -> list[tuple[str, Any]]:
-    """Liquidations whose entry is missing or does not match them: (liquidation_id, entry_id)."""
+def broken_liquidations(db: BatchStatements, currency: str) -> list[tuple[str, str]]:
+    """Liquidations that do not match their entry: (liquidation_id, what is wrong). A profit
+    is an entry liquidation_engine → insurance_fund, a loss system_loss → liquidation_engine,
+    each of the engine result's size and naming the liquidation; a break-even has none."""
     rows = db.execute(
-        "SELECT l.liquidation_id, l.entry_id FROM liquidations l"
-        " LEFT JOIN entries e ON e.id = l.entry_id"
-        " WHERE l.currency = ? AND l.entry_id IS NOT NULL AND (e.id IS NULL"
-        " OR e.reference <> l.liquidation_id OR e.currency <> l.currency"
-        " OR e.amount <> abs(l.engine_result))",
+        "SELECT l.liquidation_id, l.engine_result, l.outcome, l.entry_id, e.id, e.kind,"
+        " e.reference, e.debit_account, e.credit_account, e.amount, e.currency"
+        " FROM liquidations l LEFT JOIN entries e ON e.id = l.entry_id"
+        " WHERE l.currency = ? AND NOT coalesce(("
+        "  (l.engine_result = 0 AND l.outcome = 3 AND l.entry_id IS NULL)"
+        "  OR (l.engine_result > 0 AND l.outcome = 1 AND e.kind = 3"
+        "      AND e.debit_account = 'liquidation_engine' AND e.credit_account = 'insurance_fund'"
+        "      AND e.amount = l.engine_result AND e.reference = l.liquidation_id"
+        "      AND e.currency = l.currency)"
+        "  OR (l.engine_result < 0 AND l.outcome = 2 AND e.kind = 4"
+        "      AND e.debit_account = 'system_loss' AND e.credit_account = 'liquidation_engine'"
+        "      AND e.amount = -l.engine_result AND e.reference = l.liquidation_id"
+        "      AND e.currency = l.currency)), false)",  # a missing entry compares as NULL
         (currency,),
     ).fetchall()
-    return [(str(a), b) for a, b in rows]
+    problems = []
+    for lid, result, outcome, entry_id, found, kind, reference, debit, credit, amount, _cur in rows:
+        if entry_id is None:
+            what = f"engine result {result} (outcome {outcome}) but no entry"
+        elif found is None:
+            what = f"its entry {entry_id} is missing"
+        else:
+            what = (
+                f"engine result {result} (outcome {outcome}) does not match its entry "
+                f"{entry_id} ({amount} from {debit} to {credit}, kind {kind}, for {reference!r})"
+            )
+        problems.append((str(lid), what))
+    return problems
+
+
+def orphan_liquidation_entries(db: BatchStatements, currency: str) -> list[tuple[int, str]]:
+    """LIQUIDATION_PROFIT/LOSS entries whose liquidation is not there: (entry id, reference)."""
+    rows = db.execute(
+        "SELECT e.id, e.reference FROM entries e LEFT JOIN liquidations l"
+        " ON l.entry_id = e.id WHERE e.currency = ? AND e.kind IN (3, 4)"
+        " AND l.liquidation_id IS NULL ORDER BY e.id",
+        (currency,),
+    ).fetchall()
+    return [(int(a), str(b)) for a, b in rows]

@@ -154,6 +154,12 @@ class GroupCommitter(Generic[Call, Reply]):
         with self._lock:
             if self._closing:
                 raise Unavailable("the server is stopping; nothing was written, try again")
+            if items > self.pending_max:
+                raise ResourceExhausted(
+                    f"this call carries {items} liquidations, more than the {self.pending_max} "
+                    f"a server process lets wait (--pending-max; {self._pending_items} are "
+                    "waiting now); nothing was written: send them in smaller calls"
+                )
             if self._pending_items + items > self.pending_max:
                 raise ResourceExhausted(
                     f"{self._pending_items} liquidations are already waiting to be written "
@@ -350,6 +356,11 @@ def _set_results(done: list[tuple[Pending[Any, Any], Any]]) -> None:
             pending.future.set_result(reply)
 
 
+class _Committed(RuntimeError):
+    """A batch committed but its outcomes cannot be told (a bug): each request gets this
+    error (INTERNAL), and nothing is run again."""
+
+
 BatchFn = Callable[
     [WriterConnection, Sequence[Request], Admit], Sequence[Result | Exception | None]
 ]
@@ -376,6 +387,9 @@ class BatchRunner(Generic[Request, Result]):
         for attempt in range(1, BATCH_ATTEMPTS_MAX + 1):
             try:
                 return self._once(requests, admit)
+            except _Committed as error:  # written: running it again would write it twice
+                log.error("%s", error)
+                return [error for _ in requests]
             except _RETRYABLE as error:
                 log.warning("batch of %d failed (attempt %d): %s", len(requests), attempt, error)
                 self.discard()
@@ -404,7 +418,9 @@ class BatchRunner(Generic[Request, Result]):
                 self.discard()
             raise
         if len(outcomes) != len(requests):  # committed, but nobody is told a wrong outcome
-            raise AssertionError(f"{len(outcomes)} outcomes for {len(requests)} requests")
+            raise _Committed(
+                f"a committed batch gave {len(outcomes)} outcomes for {len(requests)} requests"
+            )
         return outcomes
 
     def discard(self) -> None:

@@ -95,13 +95,11 @@ class HeldWriter:
     """A write function over strings: records every batch it is handed and the admit flags;
     its first batch waits for `release` (before asking admit) while calls queue behind it."""
 
-    def __init__(self, *, hold_first: bool = True) -> None:
+    def __init__(self) -> None:
         self.batches: list[list[str]] = []
         self.flags: list[list[bool]] = []
         self.holding = threading.Event()  # the first batch is in the writer, held
         self.release = threading.Event()
-        if not hold_first:
-            self.release.set()
 
     def write(self, calls: Sequence[str], admit: Admit) -> list[str | Exception | None]:
         self.batches.append(list(calls))
@@ -176,7 +174,7 @@ def test_cancelled_calls_are_not_written() -> None:
             await held(writer)
             queued = committer.submit("queued", 1, None)
             waiters = [asyncio.create_task(committer.result(p)) for p in (taken, queued)]
-            await asyncio.sleep(0)  # both now wait on their futures
+            await asyncio.sleep(0)  # both tasks start and wait on their futures
             for waiter in waiters:
                 waiter.cancel()
             for waiter in waiters:
@@ -328,6 +326,8 @@ def test_close_answers_what_is_queued_and_refuses_what_comes_after() -> None:
 
 
 def test_the_documented_defaults() -> None:
+    """10,000 liquidations waiting, 4 cycle streams, 60 s of stream silence; the connection
+    age and keepalive settings reach grpc's channel arguments."""
     settings = Settings()
     assert settings.pending_max == PENDING_LIQUIDATIONS_MAX_DEFAULT == 10_000
     assert settings.streams_max == 4
@@ -513,13 +513,15 @@ PENDING_MAX = 5
 
 def pending_now(client: Client) -> int:
     """What the server says waits: a batch larger than the limit is always refused, nothing
-    queued, and the refusal names the liquidations already waiting."""
+    queued, and the refusal says it can never fit and names the liquidations waiting now."""
     probe = batch_of(*(f"probe-{k}" for k in range(PENDING_MAX + 1)))
     with pytest.raises(grpc.RpcError) as refused:
         client.clearing.RecordLiquidations(probe, timeout=10)
     assert refused.value.code() == RESOURCE_EXHAUSTED, refused.value
-    found = re.search(r"(\d+) liquidations are already waiting", refused.value.details() or "")
-    assert found, refused.value.details()
+    details = refused.value.details() or ""
+    assert "smaller calls" in details, details
+    found = re.search(r"(\d+) are waiting now", details)
+    assert found, details
     return int(found.group(1))
 
 
@@ -527,6 +529,9 @@ def pending_now(client: Client) -> int:
 
 
 def test_liquidations_past_their_deadline_at_the_locks_are_not_written(database_url: str) -> None:
+    """The lock holds the writer before its locks; the calls' deadlines pass meanwhile. Once
+    it is released, the late calls (a unary one, a batch) are not written, the patient one is,
+    and the late one sent again is recorded afresh."""
     with ledger_server(database_url, pending_max=PENDING_MAX) as (_, client):
         setup_market(client)
         client.clearing.RecordLiquidation(profit("warm-up"), timeout=30)
@@ -541,6 +546,10 @@ def test_liquidations_past_their_deadline_at_the_locks_are_not_written(database_
                 error = call.exception(timeout=WAIT_SECONDS)
                 assert isinstance(error, grpc.RpcError), error
                 assert error.code() == DEADLINE_EXCEEDED, error
+            # The server's deadline runs from when it received the call, a little after the
+            # client's: released before it, a call would still be admitted, and stand. Once
+            # only the patient call counts, the server has seen both deadlines pass.
+            wait_until(lambda: pending_now(client) == 1, "the server past the deadlines")
             assert not patient.done(), "the lock did not hold the writer"
         assert patient.result(timeout=60).outcome == INFLOW
         # The writer finishes its transactions in order: once this is answered, so are they.
@@ -555,6 +564,8 @@ def test_liquidations_past_their_deadline_at_the_locks_are_not_written(database_
 
 
 def test_a_cancelled_liquidation_is_not_written(database_url: str) -> None:
+    """Cancelled by their callers while the lock holds the writer: neither the unary call
+    (its transaction waiting for the locks) nor the batch behind it is written."""
     with ledger_server(database_url, pending_max=PENDING_MAX) as (_, client):
         setup_market(client)
         client.clearing.RecordLiquidation(profit("warm-up"), timeout=30)
@@ -647,6 +658,10 @@ def refused_at_once(calls: Sequence[grpc.Future[Any]], count: int) -> list[int]:
 
 
 def test_serve_bounds_the_liquidations_waiting(database_url: str, tmp_path: Path) -> None:
+    """`ledger serve --pending-max 5`, the writer held by the lock: of 20 concurrent unary
+    calls exactly 5 wait and 15 are refused at once, as is a batch that does not fit; with a
+    batch of 3 waiting, 2 of 20 unary calls fit. Released, every accepted call is answered
+    OK and written once; no refused call is written."""
     port = free_port()
     command = [
         *[sys.executable, "-m", "ledger.cli", "serve", "--listen", f"127.0.0.1:{port}"],
@@ -726,6 +741,10 @@ def silent(cycle_id: str, currency: str, release: threading.Event) -> Iterator[b
 
 
 def test_cycle_streams_are_bounded_and_idle_ones_ended(database_url: str) -> None:
+    """streams_max=2: with a CloseCycle and a PreviewCycle held open, a third stream of either
+    kind is refused (RESOURCE_EXHAUSTED) and writes nothing; a stream silent for longer than
+    stream_idle_s=1 is ended by the server with DEADLINE_EXCEEDED and writes nothing; every
+    place is free again afterwards."""
     with ledger_server(database_url, streams_max=2, stream_idle_s=1.0) as (_, client):
         market(client)
         deposit(client, "d1", 10_000)
@@ -789,6 +808,8 @@ def test_cycle_streams_are_bounded_and_idle_ones_ended(database_url: str) -> Non
 
 
 def test_a_short_connection_age_keeps_serving_across_reconnects(database_url: str) -> None:
+    """max_connection_age_s=1 (and keepalive pings every 0.5 s): calls on one channel for
+    3 s all succeed, and the channel did reconnect (it left READY at least twice)."""
     with ledger_server(database_url, max_connection_age_s=1.0, keepalive_s=0.5) as (_, client):
         states: list[grpc.ChannelConnectivity] = []
         record = states.append
@@ -813,6 +834,8 @@ def test_a_short_connection_age_keeps_serving_across_reconnects(database_url: st
 
 
 def test_a_lock_held_past_the_lock_timeout_fails_a_liquidation(database_url: str) -> None:
+    """lock_timeout_s=0.5 and the lock held until the call ends: UNAVAILABLE after the
+    writer's attempts, nothing written; released, the same liquidation is recorded."""
     with ledger_server(database_url, lock_timeout_s=0.5) as (_, client):
         setup_market(client)
         client.clearing.RecordLiquidation(profit("warm-up"), timeout=30)

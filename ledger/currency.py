@@ -173,3 +173,32 @@ def upsert_contract(
         row.kind, row.multiplier, row.updated_at_us = kind, multiplier_text, now_us()
     session.flush()
     return ContractView(symbol, margin_currency, ContractKind(kind), multiplier_text)
+
+
+def list_policies(session: Session, currency: str) -> list[PolicyView]:
+    """Every policy version of the currency, oldest first."""
+    get_currency(session, currency)
+    rows = session.scalars(
+        select(models.Policy)
+        .where(models.Policy.currency == currency)
+        .order_by(models.Policy.version)
+    )
+    return [PolicyView(r.currency, r.insurance_share, r.coverage_ratio, r.version) for r in rows]
+
+
+def get_policy(session: Session, currency: str) -> PolicyView:
+    """The policy in force."""
+    get_currency(session, currency)
+    return current_policy(session, currency)
+
+
+def list_contracts(session: Session, currency: str) -> list[ContractView]:
+    """The contracts margined in the currency (empty: every contract), by symbol."""
+    query = select(models.Contract).order_by(models.Contract.symbol)
+    if currency:
+        get_currency(session, currency)
+        query = query.where(models.Contract.margin_currency == currency)
+    return [
+        ContractView(r.symbol, r.margin_currency, ContractKind(r.kind), r.multiplier)
+        for r in session.scalars(query)
+    ]

@@ -29,12 +29,12 @@ from ledger.currency import current_policy, get_currency
 from ledger.db import bulk, closes, models
 from ledger.db.batch import BatchStatements
 from ledger.db.closes import Basis, ClosePlan
-from ledger.db.liquidations import cycle_loss_total
+from ledger.db.liquidations import cycle_loss_total, open_cycles
 from ledger.db.session import Database
 from ledger.db.store import account_balance, now_us
 from ledger.errors import AlreadyExists, InvalidArgument, NotFound
 from ledger.journal import INSURANCE_FUND, SYSTEM_LOSS, UNCOVERED_LOSS, EntryKind
-from ledger.limits import INT64_MAX
+from ledger.limits import INT64_MAX, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 
 log = logging.getLogger("ledger.cycle")
 
@@ -240,11 +240,15 @@ def preview(
     )
 
 
-def get(session: Session, key: CycleKey) -> CycleSummary:
+def get(session: Session, key: CycleKey, version: int = 0) -> CycleSummary:
+    """The cycle's summary; `version` 0 is the latest close (1: the first; a cycle is
+    closed once unless it is reversed)."""
     get_currency(session, key.currency)
     stored = _stored(session, key)
     if stored is None:
         raise NotFound(f"cycle {key.cycle_id!r} of {key.currency} has not been closed")
+    if version not in (0, 1):
+        raise NotFound(f"cycle {key.cycle_id!r} of {key.currency} has no close version {version}")
     return stored
 
 
@@ -270,8 +274,10 @@ def _stored(session: Session, key: CycleKey) -> CycleSummary | None:
             models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id
         )
     ).one_or_none()
-    if row is None:
-        return None
+    return None if row is None else _summary_of(row)
+
+
+def _summary_of(row: models.Cycle) -> CycleSummary:
     return CycleSummary(
         cycle_id=row.cycle_id,
         currency=row.currency,
@@ -355,3 +361,62 @@ def _cycle_row(summary: CycleSummary, policy_version: int) -> dict[str, object]:
     row = {name: getattr(summary, name) for name in CycleSummary.__slots__ if name != "state"}
     row["policy_version"] = policy_version
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class CyclePage:
+    cycles: list[CycleSummary]
+    next_page_token: str
+
+
+def list_cycles(session: Session, currency: str, page_size: int, page_token: str) -> CyclePage:
+    """The currency's closed cycles, newest first, in pages; the token is the last cycle's
+    (closed_at_us, id) as "<closed_at_us>.<id>"."""
+    get_currency(session, currency)
+    if page_size < 0 or page_size > PAGE_SIZE_MAX:
+        raise InvalidArgument("page_size", page_size, f"must be 0 to {PAGE_SIZE_MAX}")
+    size = page_size or PAGE_SIZE_DEFAULT
+    query = (
+        select(models.Cycle)
+        .where(models.Cycle.currency == currency)
+        .order_by(models.Cycle.closed_at_us.desc(), models.Cycle.id.desc())
+        .limit(size + 1)
+    )
+    if page_token:
+        closed_at, pk = _page_token(page_token)
+        query = query.where(
+            (models.Cycle.closed_at_us < closed_at)
+            | ((models.Cycle.closed_at_us == closed_at) & (models.Cycle.id < pk))
+        )
+    rows = list(session.scalars(query))
+    page = rows[:size]
+    token = f"{page[-1].closed_at_us}.{page[-1].id}" if len(rows) > size else ""
+    return CyclePage([_summary_of(row) for row in page], token)
+
+
+def _page_token(token: str) -> tuple[int, int]:
+    parts = token.split(".")
+    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 19 for p in parts):
+        raise InvalidArgument("page_token", token, "is not a token from a previous page")
+    return int(parts[0]), int(parts[1])
+
+
+@dataclass(frozen=True, slots=True)
+class OpenCycle:
+    cycle_id: str
+    currency: str
+    loss_total: int
+    liquidations_count: int
+    first_recorded_at_us: int
+    last_recorded_at_us: int
+
+
+def list_open(session: Session, currency: str) -> list[OpenCycle]:
+    """Every cycle with liquidations and no close in force (empty currency: every one)."""
+    if currency:
+        get_currency(session, currency)
+    rows = open_cycles(BatchStatements.of_session(session), currency)
+    return [
+        OpenCycle(str(cycle_id), str(code), int(loss), int(count), int(first), int(last))
+        for code, cycle_id, loss, count, first, last in rows
+    ]

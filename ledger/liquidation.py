@@ -12,12 +12,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
+from sqlalchemy.orm import Session
+
 from ledger import journal, money
 from ledger.currency import ContractKind
 from ledger.db import liquidations as stored
 from ledger.db import store
+from ledger.db.batch import BatchStatements
 from ledger.db.session import WriterConnection
-from ledger.db.u64 import to_signed
+from ledger.db.u64 import to_signed, to_unsigned
 from ledger.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ledger.idempotency import liquidation_hash
 from ledger.journal import INSURANCE_FUND, LIQUIDATION_ENGINE, SYSTEM_LOSS, EntryKind
@@ -374,4 +377,49 @@ def _entry(currency: str, liquidation_id: str, value: int) -> journal.Transfer:
 def _conflict(request: LiquidationRequest) -> AlreadyExists:
     return AlreadyExists(
         f"liquidation_id {request.liquidation_id!r} was already used for a different liquidation"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LiquidationRecord:
+    """A recorded liquidation: the report as stored (decimals canonical) and its result."""
+
+    liquidation_id: str
+    cycle_id: str
+    symbol: str
+    account_id: int
+    position_id: int
+    side: Side
+    quantity: str
+    takeover_price: str
+    close_price: str
+    remaining_margin: int
+    result: LiquidationResult
+    recorded_at_us: int
+    reversed: bool
+
+
+def get(session: Session, liquidation_id: str) -> LiquidationRecord:
+    money.identifier("liquidation_id", liquidation_id)
+    row = stored.liquidation_row(BatchStatements.of_session(session), liquidation_id)
+    if row is None:
+        raise NotFound(f"liquidation_id: no liquidation {liquidation_id!r} was recorded")
+    (lid, cycle_id, symbol, account, position, side, quantity, takeover, close, margin) = row[:10]
+    currency, value, outcome, fund_balance, entry_id, created = row[10:]
+    return LiquidationRecord(
+        lid,
+        cycle_id,
+        symbol,
+        to_unsigned(int(account)),
+        to_unsigned(int(position)),
+        Side(side),
+        quantity,
+        takeover,
+        close,
+        int(margin),
+        LiquidationResult(
+            lid, currency, int(value), Outcome(outcome), int(fund_balance), int(entry_id or 0)
+        ),
+        int(created),
+        False,
     )

@@ -118,3 +118,18 @@ def positive_amount(field: str, value: int) -> int:
     if value <= 0:
         raise InvalidArgument(field, value, "must be greater than 0")
     return value
+
+
+RATE_PLACES = 12
+
+
+def rate(numerator: int, denominator: int, places: int = RATE_PLACES) -> str:
+    """numerator / denominator as a decimal string rounded half up to `places` decimals, in
+    canonical form; "0" for a zero denominator. Integers only: no float, no Decimal context."""
+    if denominator == 0:
+        return "0"
+    assert numerator >= 0 and denominator > 0, (numerator, denominator)
+    scaled = (2 * numerator * 10**places + denominator) // (2 * denominator)  # half up
+    whole, fraction = divmod(scaled, 10**places)
+    text = f"{whole}.{fraction:0{places}d}".rstrip("0").rstrip(".")
+    return text or "0"

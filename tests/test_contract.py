@@ -58,6 +58,8 @@ RPCS = [
     ("Admin", "UpsertContract", "UpsertContractRequest", "Contract", False, False),
     ("Admin", "SetPolicy", "SetPolicyRequest", "Policy", False, False),
     ("Admin", "TransferFund", "TransferFundRequest", "Entry", False, False),
+    ("Admin", "ReverseLiquidation", "ReverseLiquidationRequest", "Entry", False, False),
+    ("Admin", "ReverseCycle", "ReverseCycleRequest", "CycleSummary", False, False),
     (
         "Clearing",
         "RecordLiquidation",
@@ -82,6 +84,20 @@ RPCS = [
     ("Query", "StreamAllocations", "StreamAllocationsRequest", "AllocationChunk", False, True),
     ("Query", "ListEntries", "ListEntriesRequest", "ListEntriesResponse", False, False),
     ("Query", "VerifyLedger", "VerifyLedgerRequest", "VerifyReport", False, False),
+    ("Query", "ListCycles", "ListCyclesRequest", "ListCyclesResponse", False, False),
+    ("Query", "GetPolicy", "GetPolicyRequest", "Policy", False, False),
+    ("Query", "ListPolicies", "ListPoliciesRequest", "ListPoliciesResponse", False, False),
+    ("Query", "ListContracts", "ListContractsRequest", "ListContractsResponse", False, False),
+    ("Query", "GetLiquidation", "GetLiquidationRequest", "Liquidation", False, False),
+    ("Query", "ListOpenCycles", "ListOpenCyclesRequest", "ListOpenCyclesResponse", False, False),
+    (
+        "Query",
+        "ExplainAllocation",
+        "ExplainAllocationRequest",
+        "AllocationExplanation",
+        False,
+        False,
+    ),
 ]
 
 
@@ -128,7 +144,8 @@ ENUMS = {
         "ALLOCATION",
         "UNCOVERED_LOSS",
     ],
-    "CycleState": ["PREVIEW", "CLOSED"],
+    "CycleState": ["PREVIEW", "CLOSED", "REVERSED"],
+    "Ranking": ["POSITION", "ACCOUNT"],
 }
 
 

@@ -100,3 +100,36 @@ def cycle_loss_total(db: BatchStatements, currency: str, cycle_id: str) -> int:
     """The cycle's system loss so far: the sum of its SYSTEM_LOSS liquidations, positive."""
     ((total,),) = db.execute(_LOSS_TOTAL, (currency, cycle_id)).fetchall()
     return -int(total or 0)
+
+
+_SELECT_ONE = (
+    "SELECT liquidation_id, cycle_id, symbol, account_id, position_id, side, quantity,"
+    " takeover_price, close_price, remaining_margin, currency, engine_result, outcome,"
+    " fund_balance_after, entry_id, created_at_us FROM liquidations WHERE liquidation_id = ?"
+)
+
+
+def liquidation_row(db: BatchStatements, liquidation_id: str) -> tuple[Any, ...] | None:
+    """A recorded liquidation as stored (see _SELECT_ONE for the columns)."""
+    row = db.execute(_SELECT_ONE, (liquidation_id,)).fetchone()
+    return None if row is None else tuple(row)
+
+
+_OPEN_CYCLES = (
+    "SELECT l.currency, l.cycle_id,"
+    f" coalesce(sum(CASE WHEN l.outcome = {OUTCOME_SYSTEM_LOSS} THEN -l.engine_result"
+    " ELSE 0 END), 0), count(*), min(l.created_at_us), max(l.created_at_us)"
+    " FROM liquidations l WHERE {} AND NOT EXISTS (SELECT 1 FROM cycles c"
+    " WHERE c.currency = l.currency AND c.cycle_id = l.cycle_id)"
+    " GROUP BY l.currency, l.cycle_id ORDER BY l.currency, min(l.created_at_us), l.cycle_id"
+)
+
+
+def open_cycles(db: BatchStatements, currency: str) -> list[tuple[Any, ...]]:
+    """Every cycle with liquidations and no close in force: (currency, cycle_id, loss_total,
+    liquidations_count, first_recorded_at_us, last_recorded_at_us)."""
+    if currency:
+        rows = db.execute(_OPEN_CYCLES.format("l.currency = ?"), (currency,)).fetchall()
+    else:
+        rows = db.execute(_OPEN_CYCLES.format("1 = 1")).fetchall()
+    return [tuple(row) for row in rows]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ledger import money
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.currency import ContractView, CurrencyView, PolicyView
-from ledger.cycle import CycleSummary
+from ledger.cycle import CycleState, CycleSummary, OpenCycle
 from ledger.db.store import StoredEntry
 from ledger.fund import FundView
+from ledger.liquidation import LiquidationRecord
 
 
 def timestamp(micros: int) -> Timestamp:
@@ -27,6 +29,7 @@ def policy(view: PolicyView) -> pb.Policy:
         insurance_share=view.insurance_share,
         coverage_ratio=view.coverage_ratio,
         version=view.version,
+        ranking=pb.RANKING_POSITION,
     )
 
 
@@ -84,7 +87,49 @@ def cycle_summary(view: CycleSummary) -> pb.CycleSummary:
         input_digest=view.input_digest,
         insurance_share=view.insurance_share,
         coverage_ratio=view.coverage_ratio,
+        version=1 if view.state == CycleState.CLOSED else 0,
+        allocation_rate=money.rate(view.allocated_total, view.participant_profit),
+        ranking=pb.RANKING_POSITION,
     )
     if view.closed_at_us:
         message.closed_at.CopyFrom(timestamp(view.closed_at_us))
     return message
+
+
+def liquidation_record(view: LiquidationRecord) -> pb.Liquidation:
+    r = view.result
+    return pb.Liquidation(
+        request=pb.RecordLiquidationRequest(
+            liquidation_id=view.liquidation_id,
+            cycle_id=view.cycle_id,
+            symbol=view.symbol,
+            account_id=view.account_id,
+            position_id=view.position_id,
+            side=int(view.side),  # type: ignore[arg-type]
+            quantity=view.quantity,
+            takeover_price=view.takeover_price,
+            close_price=view.close_price,
+            remaining_margin=view.remaining_margin,
+        ),
+        result=pb.LiquidationResult(
+            liquidation_id=r.liquidation_id,
+            currency=r.currency,
+            engine_result=r.engine_result,
+            outcome=int(r.outcome),  # type: ignore[arg-type]
+            fund_balance=r.fund_balance,
+            entry_id=r.entry_id,
+        ),
+        recorded_at=timestamp(view.recorded_at_us),
+        reversed=view.reversed,
+    )
+
+
+def open_cycle(view: OpenCycle) -> pb.OpenCycle:
+    return pb.OpenCycle(
+        cycle_id=view.cycle_id,
+        currency=view.currency,
+        loss_total=view.loss_total,
+        liquidations_count=view.liquidations_count,
+        first_recorded_at=timestamp(view.first_recorded_at_us),
+        last_recorded_at=timestamp(view.last_recorded_at_us),
+    )

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from ledger import cycle, entries, fund, verify
+from ledger import currency, cycle, entries, fund, liquidation, verify
 from ledger.alloc import encode_allocation_columns
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
@@ -47,7 +47,7 @@ class QueryService(pb_grpc.QueryServicer):
     ) -> pb.CycleSummary:
         key = cycle.check_header(request.cycle_id, request.currency)
         with self._db.read() as session:
-            summary = cycle.get(session, key)
+            summary = cycle.get(session, key, request.version)
         return convert.cycle_summary(summary)
 
     def StreamAllocations(
@@ -76,3 +76,46 @@ class QueryService(pb_grpc.QueryServicer):
         return pb.VerifyReport(
             ok=report.ok, entries_checked=report.entries_checked, problems=report.problems
         )
+
+    def ListCycles(
+        self, request: pb.ListCyclesRequest, context: grpc.ServicerContext
+    ) -> pb.ListCyclesResponse:
+        with self._db.read() as session:
+            page = cycle.list_cycles(
+                session, request.currency, request.page_size, request.page_token
+            )
+        return pb.ListCyclesResponse(
+            cycles=[convert.cycle_summary(c) for c in page.cycles],
+            next_page_token=page.next_page_token,
+        )
+
+    def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.ServicerContext) -> pb.Policy:
+        with self._db.read() as session:
+            return convert.policy(currency.get_policy(session, request.currency))
+
+    def ListPolicies(
+        self, request: pb.ListPoliciesRequest, context: grpc.ServicerContext
+    ) -> pb.ListPoliciesResponse:
+        with self._db.read() as session:
+            views = currency.list_policies(session, request.currency)
+        return pb.ListPoliciesResponse(policies=[convert.policy(v) for v in views])
+
+    def ListContracts(
+        self, request: pb.ListContractsRequest, context: grpc.ServicerContext
+    ) -> pb.ListContractsResponse:
+        with self._db.read() as session:
+            views = currency.list_contracts(session, request.currency)
+        return pb.ListContractsResponse(contracts=[convert.contract(v) for v in views])
+
+    def GetLiquidation(
+        self, request: pb.GetLiquidationRequest, context: grpc.ServicerContext
+    ) -> pb.Liquidation:
+        with self._db.read() as session:
+            return convert.liquidation_record(liquidation.get(session, request.liquidation_id))
+
+    def ListOpenCycles(
+        self, request: pb.ListOpenCyclesRequest, context: grpc.ServicerContext
+    ) -> pb.ListOpenCyclesResponse:
+        with self._db.read() as session:
+            views = cycle.list_open(session, request.currency)
+        return pb.ListOpenCyclesResponse(cycles=[convert.open_cycle(v) for v in views])

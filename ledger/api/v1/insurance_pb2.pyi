@@ -51,6 +51,13 @@ class CycleState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CYCLE_STATE_UNSPECIFIED: _ClassVar[CycleState]
     CYCLE_STATE_PREVIEW: _ClassVar[CycleState]
     CYCLE_STATE_CLOSED: _ClassVar[CycleState]
+    CYCLE_STATE_REVERSED: _ClassVar[CycleState]
+
+class Ranking(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RANKING_UNSPECIFIED: _ClassVar[Ranking]
+    RANKING_POSITION: _ClassVar[Ranking]
+    RANKING_ACCOUNT: _ClassVar[Ranking]
 CONTRACT_KIND_UNSPECIFIED: ContractKind
 CONTRACT_KIND_LINEAR: ContractKind
 CONTRACT_KIND_INVERSE: ContractKind
@@ -75,6 +82,10 @@ ENTRY_KIND_UNCOVERED_LOSS: EntryKind
 CYCLE_STATE_UNSPECIFIED: CycleState
 CYCLE_STATE_PREVIEW: CycleState
 CYCLE_STATE_CLOSED: CycleState
+CYCLE_STATE_REVERSED: CycleState
+RANKING_UNSPECIFIED: Ranking
+RANKING_POSITION: Ranking
+RANKING_ACCOUNT: Ranking
 
 class Currency(_message.Message):
     __slots__ = ("code", "scale")
@@ -97,16 +108,18 @@ class Contract(_message.Message):
     def __init__(self, symbol: _Optional[str] = ..., margin_currency: _Optional[str] = ..., kind: _Optional[_Union[ContractKind, str]] = ..., multiplier: _Optional[str] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("currency", "insurance_share", "coverage_ratio", "version")
+    __slots__ = ("currency", "insurance_share", "coverage_ratio", "version", "ranking")
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     INSURANCE_SHARE_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_RATIO_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    RANKING_FIELD_NUMBER: _ClassVar[int]
     currency: str
     insurance_share: str
     coverage_ratio: str
     version: int
-    def __init__(self, currency: _Optional[str] = ..., insurance_share: _Optional[str] = ..., coverage_ratio: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    ranking: Ranking
+    def __init__(self, currency: _Optional[str] = ..., insurance_share: _Optional[str] = ..., coverage_ratio: _Optional[str] = ..., version: _Optional[int] = ..., ranking: _Optional[_Union[Ranking, str]] = ...) -> None: ...
 
 class Posting(_message.Message):
     __slots__ = ("account", "amount")
@@ -117,7 +130,7 @@ class Posting(_message.Message):
     def __init__(self, account: _Optional[str] = ..., amount: _Optional[int] = ...) -> None: ...
 
 class Entry(_message.Message):
-    __slots__ = ("entry_id", "kind", "currency", "reference", "postings", "created_at", "memo", "position_id", "pnl")
+    __slots__ = ("entry_id", "kind", "currency", "reference", "postings", "created_at", "memo", "position_id", "pnl", "reverses")
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +140,7 @@ class Entry(_message.Message):
     MEMO_FIELD_NUMBER: _ClassVar[int]
     POSITION_ID_FIELD_NUMBER: _ClassVar[int]
     PNL_FIELD_NUMBER: _ClassVar[int]
+    REVERSES_FIELD_NUMBER: _ClassVar[int]
     entry_id: int
     kind: EntryKind
     currency: str
@@ -136,7 +150,8 @@ class Entry(_message.Message):
     memo: str
     position_id: int
     pnl: int
-    def __init__(self, entry_id: _Optional[int] = ..., kind: _Optional[_Union[EntryKind, str]] = ..., currency: _Optional[str] = ..., reference: _Optional[str] = ..., postings: _Optional[_Iterable[_Union[Posting, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., memo: _Optional[str] = ..., position_id: _Optional[int] = ..., pnl: _Optional[int] = ...) -> None: ...
+    reverses: int
+    def __init__(self, entry_id: _Optional[int] = ..., kind: _Optional[_Union[EntryKind, str]] = ..., currency: _Optional[str] = ..., reference: _Optional[str] = ..., postings: _Optional[_Iterable[_Union[Posting, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., memo: _Optional[str] = ..., position_id: _Optional[int] = ..., pnl: _Optional[int] = ..., reverses: _Optional[int] = ...) -> None: ...
 
 class Fund(_message.Message):
     __slots__ = ("currency", "balance", "inflow_total", "outflow_total")
@@ -193,7 +208,7 @@ class CycleInput(_message.Message):
     def __init__(self, header: _Optional[_Union[CycleHeader, _Mapping]] = ..., positions: _Optional[_Union[PositionChunk, _Mapping]] = ...) -> None: ...
 
 class CycleSummary(_message.Message):
-    __slots__ = ("cycle_id", "currency", "state", "loss_total", "fund_balance_before", "fund_share", "fund_paid", "user_due", "allocated_total", "uncovered", "positions_total", "profitable_count", "profit_total", "participant_count", "participant_profit", "cutoff_pnl", "widened", "input_digest", "insurance_share", "coverage_ratio", "closed_at")
+    __slots__ = ("cycle_id", "currency", "state", "loss_total", "fund_balance_before", "fund_share", "fund_paid", "user_due", "allocated_total", "uncovered", "positions_total", "profitable_count", "profit_total", "participant_count", "participant_profit", "cutoff_pnl", "widened", "input_digest", "insurance_share", "coverage_ratio", "closed_at", "version", "allocation_rate", "ranking")
     CYCLE_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +230,9 @@ class CycleSummary(_message.Message):
     INSURANCE_SHARE_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_RATIO_FIELD_NUMBER: _ClassVar[int]
     CLOSED_AT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_RATE_FIELD_NUMBER: _ClassVar[int]
+    RANKING_FIELD_NUMBER: _ClassVar[int]
     cycle_id: str
     currency: str
     state: CycleState
@@ -236,7 +254,10 @@ class CycleSummary(_message.Message):
     insurance_share: str
     coverage_ratio: str
     closed_at: _timestamp_pb2.Timestamp
-    def __init__(self, cycle_id: _Optional[str] = ..., currency: _Optional[str] = ..., state: _Optional[_Union[CycleState, str]] = ..., loss_total: _Optional[int] = ..., fund_balance_before: _Optional[int] = ..., fund_share: _Optional[int] = ..., fund_paid: _Optional[int] = ..., user_due: _Optional[int] = ..., allocated_total: _Optional[int] = ..., uncovered: _Optional[int] = ..., positions_total: _Optional[int] = ..., profitable_count: _Optional[int] = ..., profit_total: _Optional[int] = ..., participant_count: _Optional[int] = ..., participant_profit: _Optional[int] = ..., cutoff_pnl: _Optional[int] = ..., widened: _Optional[bool] = ..., input_digest: _Optional[str] = ..., insurance_share: _Optional[str] = ..., coverage_ratio: _Optional[str] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    version: int
+    allocation_rate: str
+    ranking: Ranking
+    def __init__(self, cycle_id: _Optional[str] = ..., currency: _Optional[str] = ..., state: _Optional[_Union[CycleState, str]] = ..., loss_total: _Optional[int] = ..., fund_balance_before: _Optional[int] = ..., fund_share: _Optional[int] = ..., fund_paid: _Optional[int] = ..., user_due: _Optional[int] = ..., allocated_total: _Optional[int] = ..., uncovered: _Optional[int] = ..., positions_total: _Optional[int] = ..., profitable_count: _Optional[int] = ..., profit_total: _Optional[int] = ..., participant_count: _Optional[int] = ..., participant_profit: _Optional[int] = ..., cutoff_pnl: _Optional[int] = ..., widened: _Optional[bool] = ..., input_digest: _Optional[str] = ..., insurance_share: _Optional[str] = ..., coverage_ratio: _Optional[str] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., version: _Optional[int] = ..., allocation_rate: _Optional[str] = ..., ranking: _Optional[_Union[Ranking, str]] = ...) -> None: ...
 
 class AllocationChunk(_message.Message):
     __slots__ = ("position_id", "account_id", "pnl", "amount")
@@ -291,14 +312,16 @@ class UpsertContractRequest(_message.Message):
     def __init__(self, symbol: _Optional[str] = ..., margin_currency: _Optional[str] = ..., kind: _Optional[_Union[ContractKind, str]] = ..., multiplier: _Optional[str] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
-    __slots__ = ("currency", "insurance_share", "coverage_ratio")
+    __slots__ = ("currency", "insurance_share", "coverage_ratio", "ranking")
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     INSURANCE_SHARE_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    RANKING_FIELD_NUMBER: _ClassVar[int]
     currency: str
     insurance_share: str
     coverage_ratio: str
-    def __init__(self, currency: _Optional[str] = ..., insurance_share: _Optional[str] = ..., coverage_ratio: _Optional[str] = ...) -> None: ...
+    ranking: Ranking
+    def __init__(self, currency: _Optional[str] = ..., insurance_share: _Optional[str] = ..., coverage_ratio: _Optional[str] = ..., ranking: _Optional[_Union[Ranking, str]] = ...) -> None: ...
 
 class TransferFundRequest(_message.Message):
     __slots__ = ("transfer_id", "currency", "direction", "amount", "memo")
@@ -367,12 +390,14 @@ class GetFundRequest(_message.Message):
     def __init__(self, currency: _Optional[str] = ...) -> None: ...
 
 class GetCycleRequest(_message.Message):
-    __slots__ = ("cycle_id", "currency")
+    __slots__ = ("cycle_id", "currency", "version")
     CYCLE_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     cycle_id: str
     currency: str
-    def __init__(self, cycle_id: _Optional[str] = ..., currency: _Optional[str] = ...) -> None: ...
+    version: int
+    def __init__(self, cycle_id: _Optional[str] = ..., currency: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class StreamAllocationsRequest(_message.Message):
     __slots__ = ("cycle_id", "currency", "account_id")
@@ -411,3 +436,155 @@ class VerifyLedgerRequest(_message.Message):
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     currency: str
     def __init__(self, currency: _Optional[str] = ...) -> None: ...
+
+class ReverseLiquidationRequest(_message.Message):
+    __slots__ = ("liquidation_id", "reason")
+    LIQUIDATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    liquidation_id: str
+    reason: str
+    def __init__(self, liquidation_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReverseCycleRequest(_message.Message):
+    __slots__ = ("cycle_id", "currency", "reason")
+    CYCLE_ID_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    cycle_id: str
+    currency: str
+    reason: str
+    def __init__(self, cycle_id: _Optional[str] = ..., currency: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListCyclesRequest(_message.Message):
+    __slots__ = ("currency", "page_size", "page_token")
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    currency: str
+    page_size: int
+    page_token: str
+    def __init__(self, currency: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListCyclesResponse(_message.Message):
+    __slots__ = ("cycles", "next_page_token")
+    CYCLES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    cycles: _containers.RepeatedCompositeFieldContainer[CycleSummary]
+    next_page_token: str
+    def __init__(self, cycles: _Optional[_Iterable[_Union[CycleSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ("currency",)
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    currency: str
+    def __init__(self, currency: _Optional[str] = ...) -> None: ...
+
+class ListPoliciesRequest(_message.Message):
+    __slots__ = ("currency",)
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    currency: str
+    def __init__(self, currency: _Optional[str] = ...) -> None: ...
+
+class ListPoliciesResponse(_message.Message):
+    __slots__ = ("policies",)
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.RepeatedCompositeFieldContainer[Policy]
+    def __init__(self, policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ...) -> None: ...
+
+class ListContractsRequest(_message.Message):
+    __slots__ = ("currency",)
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    currency: str
+    def __init__(self, currency: _Optional[str] = ...) -> None: ...
+
+class ListContractsResponse(_message.Message):
+    __slots__ = ("contracts",)
+    CONTRACTS_FIELD_NUMBER: _ClassVar[int]
+    contracts: _containers.RepeatedCompositeFieldContainer[Contract]
+    def __init__(self, contracts: _Optional[_Iterable[_Union[Contract, _Mapping]]] = ...) -> None: ...
+
+class GetLiquidationRequest(_message.Message):
+    __slots__ = ("liquidation_id",)
+    LIQUIDATION_ID_FIELD_NUMBER: _ClassVar[int]
+    liquidation_id: str
+    def __init__(self, liquidation_id: _Optional[str] = ...) -> None: ...
+
+class Liquidation(_message.Message):
+    __slots__ = ("request", "result", "recorded_at", "reversed")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVERSED_FIELD_NUMBER: _ClassVar[int]
+    request: RecordLiquidationRequest
+    result: LiquidationResult
+    recorded_at: _timestamp_pb2.Timestamp
+    reversed: bool
+    def __init__(self, request: _Optional[_Union[RecordLiquidationRequest, _Mapping]] = ..., result: _Optional[_Union[LiquidationResult, _Mapping]] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reversed: _Optional[bool] = ...) -> None: ...
+
+class ListOpenCyclesRequest(_message.Message):
+    __slots__ = ("currency",)
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    currency: str
+    def __init__(self, currency: _Optional[str] = ...) -> None: ...
+
+class OpenCycle(_message.Message):
+    __slots__ = ("cycle_id", "currency", "loss_total", "liquidations_count", "first_recorded_at", "last_recorded_at")
+    CYCLE_ID_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LIQUIDATIONS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
+    cycle_id: str
+    currency: str
+    loss_total: int
+    liquidations_count: int
+    first_recorded_at: _timestamp_pb2.Timestamp
+    last_recorded_at: _timestamp_pb2.Timestamp
+    def __init__(self, cycle_id: _Optional[str] = ..., currency: _Optional[str] = ..., loss_total: _Optional[int] = ..., liquidations_count: _Optional[int] = ..., first_recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListOpenCyclesResponse(_message.Message):
+    __slots__ = ("cycles",)
+    CYCLES_FIELD_NUMBER: _ClassVar[int]
+    cycles: _containers.RepeatedCompositeFieldContainer[OpenCycle]
+    def __init__(self, cycles: _Optional[_Iterable[_Union[OpenCycle, _Mapping]]] = ...) -> None: ...
+
+class ExplainAllocationRequest(_message.Message):
+    __slots__ = ("cycle_id", "currency", "position_id")
+    CYCLE_ID_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    POSITION_ID_FIELD_NUMBER: _ClassVar[int]
+    cycle_id: str
+    currency: str
+    position_id: int
+    def __init__(self, cycle_id: _Optional[str] = ..., currency: _Optional[str] = ..., position_id: _Optional[int] = ...) -> None: ...
+
+class AllocationExplanation(_message.Message):
+    __slots__ = ("position_id", "account_id", "pnl", "rank", "profitable_count", "cutoff_pnl", "participant", "participant_profit", "allocated_total", "share_numerator", "share_denominator", "amount", "remainder_unit")
+    POSITION_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    PNL_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PROFITABLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CUTOFF_PNL_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_PROFIT_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SHARE_NUMERATOR_FIELD_NUMBER: _ClassVar[int]
+    SHARE_DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    REMAINDER_UNIT_FIELD_NUMBER: _ClassVar[int]
+    position_id: int
+    account_id: int
+    pnl: int
+    rank: int
+    profitable_count: int
+    cutoff_pnl: int
+    participant: bool
+    participant_profit: int
+    allocated_total: int
+    share_numerator: str
+    share_denominator: str
+    amount: int
+    remainder_unit: bool
+    def __init__(self, position_id: _Optional[int] = ..., account_id: _Optional[int] = ..., pnl: _Optional[int] = ..., rank: _Optional[int] = ..., profitable_count: _Optional[int] = ..., cutoff_pnl: _Optional[int] = ..., participant: _Optional[bool] = ..., participant_profit: _Optional[int] = ..., allocated_total: _Optional[int] = ..., share_numerator: _Optional[str] = ..., share_denominator: _Optional[str] = ..., amount: _Optional[int] = ..., remainder_unit: _Optional[bool] = ...) -> None: ...

@@ -60,6 +60,16 @@ class AdminStub:
                 request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.TransferFundRequest.SerializeToString,
                 response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.Entry.FromString,
                 _registered_method=True)
+        self.ReverseLiquidation = channel.unary_unary(
+                '/insurance.v1.Admin/ReverseLiquidation',
+                request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ReverseLiquidationRequest.SerializeToString,
+                response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.Entry.FromString,
+                _registered_method=True)
+        self.ReverseCycle = channel.unary_unary(
+                '/insurance.v1.Admin/ReverseCycle',
+                request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ReverseCycleRequest.SerializeToString,
+                response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.CycleSummary.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -96,6 +106,21 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReverseLiquidation(self, request, context):
+        """Corrections, append-only: the opposite entries, in an open cycle only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReverseCycle(self, request, context):
+        """The reversal of a closed cycle's cover, allocations and uncovered rest; the cycle's loss
+        is then open again (new liquidations, a new close).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +148,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.TransferFund,
                     request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.TransferFundRequest.FromString,
                     response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.Entry.SerializeToString,
+            ),
+            'ReverseLiquidation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReverseLiquidation,
+                    request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ReverseLiquidationRequest.FromString,
+                    response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.Entry.SerializeToString,
+            ),
+            'ReverseCycle': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReverseCycle,
+                    request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ReverseCycleRequest.FromString,
+                    response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.CycleSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +296,60 @@ class Admin:
             '/insurance.v1.Admin/TransferFund',
             ledger_dot_api_dot_v1_dot_insurance__pb2.TransferFundRequest.SerializeToString,
             ledger_dot_api_dot_v1_dot_insurance__pb2.Entry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReverseLiquidation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/insurance.v1.Admin/ReverseLiquidation',
+            ledger_dot_api_dot_v1_dot_insurance__pb2.ReverseLiquidationRequest.SerializeToString,
+            ledger_dot_api_dot_v1_dot_insurance__pb2.Entry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReverseCycle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/insurance.v1.Admin/ReverseCycle',
+            ledger_dot_api_dot_v1_dot_insurance__pb2.ReverseCycleRequest.SerializeToString,
+            ledger_dot_api_dot_v1_dot_insurance__pb2.CycleSummary.FromString,
             options,
             channel_credentials,
             insecure,
@@ -512,6 +601,41 @@ class QueryStub:
                 request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.VerifyLedgerRequest.SerializeToString,
                 response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.VerifyReport.FromString,
                 _registered_method=True)
+        self.ListCycles = channel.unary_unary(
+                '/insurance.v1.Query/ListCycles',
+                request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListCyclesRequest.SerializeToString,
+                response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListCyclesResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/insurance.v1.Query/GetPolicy',
+                request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.Policy.FromString,
+                _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/insurance.v1.Query/ListPolicies',
+                request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.ListContracts = channel.unary_unary(
+                '/insurance.v1.Query/ListContracts',
+                request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListContractsRequest.SerializeToString,
+                response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListContractsResponse.FromString,
+                _registered_method=True)
+        self.GetLiquidation = channel.unary_unary(
+                '/insurance.v1.Query/GetLiquidation',
+                request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.GetLiquidationRequest.SerializeToString,
+                response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.Liquidation.FromString,
+                _registered_method=True)
+        self.ListOpenCycles = channel.unary_unary(
+                '/insurance.v1.Query/ListOpenCycles',
+                request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListOpenCyclesRequest.SerializeToString,
+                response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListOpenCyclesResponse.FromString,
+                _registered_method=True)
+        self.ExplainAllocation = channel.unary_unary(
+                '/insurance.v1.Query/ExplainAllocation',
+                request_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ExplainAllocationRequest.SerializeToString,
+                response_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.AllocationExplanation.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -548,6 +672,48 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCycles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContracts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLiquidation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOpenCycles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainAllocation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -575,6 +741,41 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.VerifyLedger,
                     request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.VerifyLedgerRequest.FromString,
                     response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.VerifyReport.SerializeToString,
+            ),
+            'ListCycles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCycles,
+                    request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListCyclesRequest.FromString,
+                    response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListCyclesResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.GetPolicyRequest.FromString,
+                    response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.Policy.SerializeToString,
+            ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'ListContracts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContracts,
+                    request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListContractsRequest.FromString,
+                    response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListContractsResponse.SerializeToString,
+            ),
+            'GetLiquidation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLiquidation,
+                    request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.GetLiquidationRequest.FromString,
+                    response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.Liquidation.SerializeToString,
+            ),
+            'ListOpenCycles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOpenCycles,
+                    request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListOpenCyclesRequest.FromString,
+                    response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ListOpenCyclesResponse.SerializeToString,
+            ),
+            'ExplainAllocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainAllocation,
+                    request_deserializer=ledger_dot_api_dot_v1_dot_insurance__pb2.ExplainAllocationRequest.FromString,
+                    response_serializer=ledger_dot_api_dot_v1_dot_insurance__pb2.AllocationExplanation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -713,6 +914,195 @@ class Query:
             '/insurance.v1.Query/VerifyLedger',
             ledger_dot_api_dot_v1_dot_insurance__pb2.VerifyLedgerRequest.SerializeToString,
             ledger_dot_api_dot_v1_dot_insurance__pb2.VerifyReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCycles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/insurance.v1.Query/ListCycles',
+            ledger_dot_api_dot_v1_dot_insurance__pb2.ListCyclesRequest.SerializeToString,
+            ledger_dot_api_dot_v1_dot_insurance__pb2.ListCyclesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/insurance.v1.Query/GetPolicy',
+            ledger_dot_api_dot_v1_dot_insurance__pb2.GetPolicyRequest.SerializeToString,
+            ledger_dot_api_dot_v1_dot_insurance__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/insurance.v1.Query/ListPolicies',
+            ledger_dot_api_dot_v1_dot_insurance__pb2.ListPoliciesRequest.SerializeToString,
+            ledger_dot_api_dot_v1_dot_insurance__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContracts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/insurance.v1.Query/ListContracts',
+            ledger_dot_api_dot_v1_dot_insurance__pb2.ListContractsRequest.SerializeToString,
+            ledger_dot_api_dot_v1_dot_insurance__pb2.ListContractsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLiquidation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/insurance.v1.Query/GetLiquidation',
+            ledger_dot_api_dot_v1_dot_insurance__pb2.GetLiquidationRequest.SerializeToString,
+            ledger_dot_api_dot_v1_dot_insurance__pb2.Liquidation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOpenCycles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/insurance.v1.Query/ListOpenCycles',
+            ledger_dot_api_dot_v1_dot_insurance__pb2.ListOpenCyclesRequest.SerializeToString,
+            ledger_dot_api_dot_v1_dot_insurance__pb2.ListOpenCyclesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainAllocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/insurance.v1.Query/ExplainAllocation',
+            ledger_dot_api_dot_v1_dot_insurance__pb2.ExplainAllocationRequest.SerializeToString,
+            ledger_dot_api_dot_v1_dot_insurance__pb2.AllocationExplanation.FromString,
             options,
             channel_credentials,
             insecure,

@@ -121,6 +121,42 @@ def main(argv: list[str] | None = None) -> int:
         help="server processes sharing the port (SO_REUSEPORT), for hosts with more cores "
         "(env LEDGER_WORKERS; default 1)",
     )
+    serve_cmd.add_argument(
+        "--auth-file",
+        default=os.environ.get("LEDGER_AUTH_FILE", ""),
+        help="TOML file of the callers' token hashes and certificate names, each with a role "
+        "(admin, clearing, reader); SIGHUP reloads it. Without one every caller has every "
+        "role and only loopback may be listened on (env LEDGER_AUTH_FILE; README, Operations)",
+    )
+    serve_cmd.add_argument(
+        "--insecure",
+        action="store_true",
+        help="without --auth-file, listen on a non-loopback address anyway: every caller "
+        "that reaches the port may then move the fund, post liquidations and close cycles",
+    )
+    serve_cmd.add_argument(
+        "--tls-cert",
+        default=os.environ.get("LEDGER_TLS_CERT", ""),
+        help="the server's certificate chain (PEM): serve TLS (env LEDGER_TLS_CERT)",
+    )
+    serve_cmd.add_argument(
+        "--tls-key",
+        default=os.environ.get("LEDGER_TLS_KEY", ""),
+        help="the private key of --tls-cert (PEM) (env LEDGER_TLS_KEY)",
+    )
+    serve_cmd.add_argument(
+        "--tls-client-ca",
+        default=os.environ.get("LEDGER_TLS_CLIENT_CA", ""),
+        help="CA certificates (PEM) one of which must have signed each client's certificate "
+        "(mutual TLS); a client certificate's CN listed in the auth file carries its role "
+        "(env LEDGER_TLS_CLIENT_CA)",
+    )
+    serve_cmd.add_argument(
+        "--metrics-listen",
+        default=os.environ.get("LEDGER_METRICS_LISTEN", ""),
+        help="HOST:PORT to serve Prometheus metrics at /metrics; with --workers N, worker k "
+        "serves on PORT + k (env LEDGER_METRICS_LISTEN)",
+    )
     args = parser.parse_args(argv)
     for name in ("batch_max", "pending_max", "streams_max", "workers", "threads"):
         if getattr(args, name) < 1:
@@ -155,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         max_connection_age_s=args.max_connection_age_seconds,
         keepalive_s=args.keepalive_seconds,
         workers=args.workers,
+        auth_file=args.auth_file,
+        insecure=args.insecure,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        metrics_listen=args.metrics_listen,
     )
     return serve(settings)
 

@@ -11,9 +11,22 @@ class InvalidArgument(LedgerError):
     """A malformed or out-of-range field: names the field and the value."""
 
     def __init__(self, field: str, value: object, problem: str) -> None:
-        super().__init__(f"{field}: {problem} (got {value!r})")
+        super().__init__(f"{field}: {problem} (got {shown(value)})")
         self.field = field
         self.value = value
+
+
+SHOWN_CHARACTERS_MAX = 512  # of a bad value quoted back in a message (it goes in the trailers)
+
+
+def shown(value: object) -> str:
+    """repr(value), cut short when long: a message naming a 5,000-character value three
+    times (message, status, field violation) would pass the client's metadata limit."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARACTERS_MAX:
+        return text
+    length = f", {len(value)} characters" if isinstance(value, str | bytes) else ""
+    return f"{text[: SHOWN_CHARACTERS_MAX - 1]}…{length}"
 
 
 class NotFound(LedgerError):

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from ledger import journal, money
 from ledger.currency import get_currency
 from ledger.db import models
+from ledger.db.session import Database
 from ledger.db.store import StoredEntry, load_entry, now_us, post_in
 from ledger.errors import AlreadyExists, InvalidArgument
 from ledger.idempotency import request_hash
@@ -96,3 +97,14 @@ def get_fund(session: Session, currency: str) -> FundView:
         )
     ).one()
     return FundView(currency, row.balance, row.credit_total, row.debit_total)
+
+
+def balances(database: Database) -> list[tuple[str, int]]:
+    """Every currency's fund balance (for the metrics), in one read."""
+    with database.read() as session:
+        rows = session.execute(
+            select(models.Account.currency, models.Account.balance)
+            .where(models.Account.name == INSURANCE_FUND)
+            .order_by(models.Account.currency)
+        ).all()
+    return [(str(currency), int(balance)) for currency, balance in rows]

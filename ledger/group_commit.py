@@ -390,6 +390,8 @@ class BatchRunner(Generic[Request, Result]):
             except _Committed as error:  # written: running it again would write it twice
                 log.error("%s", error)
                 return [error for _ in requests]
+            except (EOFError, BrokenPipeError):  # the server asking admit() is gone: stop
+                raise
             except _RETRYABLE as error:
                 log.warning("batch of %d failed (attempt %d): %s", len(requests), attempt, error)
                 self.discard()

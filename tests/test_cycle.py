@@ -26,6 +26,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from fractions import Fraction
 from pathlib import Path
 
@@ -125,6 +126,29 @@ def fields(summary: pb.CycleSummary) -> dict[str, object]:
     }
 
 
+def published_rate(allocated: int, participant_profit: int) -> str:
+    """The published allocation rate, computed here: allocated / participant_profit, rounded
+    half up to 12 places (Decimal at 80 digits decides the 12th place exactly), canonical."""
+    if not participant_profit:
+        return "0"
+    with localcontext() as context:
+        context.prec = 80
+        value = (Decimal(allocated) / Decimal(participant_profit)).quantize(
+            Decimal(1).scaleb(-12), rounding=ROUND_HALF_UP
+        )
+    return format(value.normalize(), "f") if value else "0"
+
+
+def published(allocated: int, participant_profit: int, version: int = 1) -> dict[str, object]:
+    """The fields a summary publishes beside its numbers: its close version (0 for a
+    preview) and the allocation rate."""
+    return {
+        "version": version,
+        "allocation_rate": published_rate(allocated, participant_profit),
+        "ranking": pb.RANKING_UNSPECIFIED,  # account ranking is not served yet
+    }
+
+
 def expected_fields(
     ref: Reference,
     *,
@@ -157,6 +181,11 @@ def expected_fields(
         "input_digest": digest,
         "insurance_share": policy[0],
         "coverage_ratio": policy[1],
+        **published(
+            ref.allocated_total,
+            ref.participant_profit,
+            0 if state == pb.CYCLE_STATE_PREVIEW else 1,
+        ),
     }
 
 
@@ -281,7 +310,11 @@ def test_worked_example_end_to_end(client: Client, database_url: str) -> None:
         "input_digest": digest,
         "insurance_share": "0.2",
         "coverage_ratio": "0.9",
+        "version": 1,
+        "allocation_rate": "0.842105263158",  # 800 / 950
+        "ranking": pb.RANKING_UNSPECIFIED,
     }
+    assert published_rate(800, 950) == "0.842105263158"
     assert summary.HasField("closed_at")
     assert started - 1 <= summary.closed_at.ToMicroseconds() / 1e6 <= finished + 1
     assert get_cycle(client, "c1") == summary
@@ -736,7 +769,7 @@ def test_preview_computes_and_writes_nothing(client: Client, database_url: str) 
     assert_not_closed(client, database_url, "c1")  # GetCycle of a never-closed cycle
 
     closed = cs.close(client.channel, "c1", JPY, positions)
-    assert fields(closed) == {**expected, "state": pb.CYCLE_STATE_CLOSED}
+    assert fields(closed) == {**expected, "state": pb.CYCLE_STATE_CLOSED, "version": 1}
     # A preview of a closed cycle still only computes: over the fund as it is now.
     after = snapshot(database_url)
     again = cs.preview(client.channel, "c1", JPY, positions)

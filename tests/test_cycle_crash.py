@@ -44,6 +44,7 @@ from tests.test_cycle import (
     get_cycle,
     liquidate,
     market,
+    published,
 )
 from tests.test_server_process import free_port, wait_serving
 
@@ -126,6 +127,7 @@ def expected(digest: str) -> dict[str, object]:
         "input_digest": digest,
         "insurance_share": "0.2",
         "coverage_ratio": "0.9",
+        **published(user_due, profitable * PNL),
     }
 
 

@@ -9,6 +9,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent import futures
@@ -22,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from ledger import fund
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.db.migrate import upgrade
 from ledger.db.session import (
@@ -47,11 +49,14 @@ from ledger.limits import (
     SHUTDOWN_GRACE_SECONDS,
     STREAM_IDLE_SECONDS_DEFAULT,
 )
+from ledger.server import auth
 from ledger.server.admin import AdminService
 from ledger.server.clearing import ClearingService, Committer
 from ledger.server.cycles import CycleService
+from ledger.server.health import DatabaseHealth
 from ledger.server.interceptors import CallInterceptor
 from ledger.server.liquidation_writer import WriterProcess, WriterSettings
+from ledger.server.metrics import Metrics
 from ledger.server.query import QueryService
 
 log = logging.getLogger("ledger.server")
@@ -80,6 +85,32 @@ class Settings:
     keepalive_s: float = KEEPALIVE_SECONDS_DEFAULT
     # Server processes sharing the port; each has its own pool, writer and GIL.
     workers: int = 1
+    # Who may call what (ledger.server.auth): the TOML file of tokens and certificate CNs;
+    # "" lets every caller have every role, and then only loopback may be listened on,
+    # unless `insecure` accepts another address.
+    auth_file: str = ""
+    insecure: bool = False
+    # PEM files: the server's certificate and key (TLS), and the CA that must have signed
+    # every client's certificate (mutual TLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # HOST:PORT serving Prometheus metrics at /metrics ("": none).
+    metrics_listen: str = ""
+    # HOST:PORT serving the read-only dashboard and its JSON ("": none).
+    http_listen: str = ""
+
+
+def security_of(settings: Settings) -> auth.Security:
+    """The settings' auth file and TLS files, loaded and checked (auth.StartupError)."""
+    return auth.security(
+        listen=settings.listen,
+        auth_file=settings.auth_file,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        tls_client_ca=settings.tls_client_ca,
+        insecure=settings.insecure,
+    )
 
 
 class LedgerServer:
@@ -91,8 +122,23 @@ class LedgerServer:
     one writer (WriterProcess). The methods here are called from any other thread.
     """
 
-    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        reuse_port: bool = False,
+        security: auth.Security | None = None,
+    ) -> None:
         self.settings = settings
+        # Before the database is touched: a server that may not start changes nothing.
+        self.security = security_of(settings) if security is None else security
+        self._auth = (
+            None
+            if self.security.auth is None
+            else auth.AuthInterceptor(
+                self.security.auth, client_certificates=self.security.client_certificates
+            )
+        )
         self.database = Database(
             settings.database_url,
             pool_size=settings.threads,
@@ -115,6 +161,9 @@ class LedgerServer:
         self._committer: Committer | None = None
         self._writer: WriterProcess | None = None
         self._checkpointer = Checkpointer(self.database) if self.database.is_sqlite else None
+        self.metrics = Metrics()
+        self.metrics_port = 0
+        self._health_watch: DatabaseHealth | None = None
         try:
             self._writer = WriterProcess(
                 WriterSettings(
@@ -125,10 +174,18 @@ class LedgerServer:
                 )
             )
             self._committer = GroupCommitter(
-                self._writer, pending_max=settings.pending_max, batch_max=settings.batch_max
+                self._writer,
+                pending_max=settings.pending_max,
+                batch_max=settings.batch_max,
+                on_batch=self.metrics.batch_size.observe,
             )
+            self.metrics.watch_pending(lambda: self._committer_pending())
+            self.metrics.watch_funds(lambda: fund.balances(self.database))
             self._cycles = CycleService(
-                self.database, settings.cycle_positions_max, settings.streams_max
+                self.database,
+                settings.cycle_positions_max,
+                settings.streams_max,
+                on_close=self.metrics.cycle_closed,
             )
             self._cycles.recover()
             self._health, self._server, self.port = self._on_loop(
@@ -143,8 +200,14 @@ class LedgerServer:
     ) -> tuple[HealthServicer, grpc.aio.Server, int]:
         """Made on the loop, which grpc.aio binds the server to."""
         settings = self.settings
+        # The call log first, the auth check innermost: refusals are logged like any call.
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+            CallInterceptor(self._pool, stream_idle_s=settings.stream_idle_s, metrics=self.metrics)
+        ]
+        if self._auth is not None:
+            interceptors.append(self._auth)
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(self._pool, stream_idle_s=settings.stream_idle_s)],
+            interceptors=interceptors,
             options=server_options(settings, reuse_port),
         )
         admin = AdminService(self.database)
@@ -174,31 +237,48 @@ class LedgerServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(settings.listen)
+        credentials = self.security.credentials
+        if credentials is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, credentials)
         if port == 0:
             raise OSError(f"cannot listen on {settings.listen}")
+        self._health_watch = DatabaseHealth(
+            self.database, health_servicer, SERVICE_NAMES, self._pool
+        )
         return health_servicer, server, port
+
+    def _committer_pending(self) -> int:
+        return 0 if self._committer is None else self._committer.pending_items
 
     def _on_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def start(self) -> None:
         self._on_loop(self._start())
+        if self.settings.metrics_listen:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_listen)
         log.info("serving on port %d, database %s", self.port, self.database.backend)
 
     async def _start(self) -> None:
         await self._server.start()
         for name in (*SERVICE_NAMES, ""):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._health_watch is not None:
+            self._health_task = asyncio.get_running_loop().create_task(self._health_watch.run())
 
     def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop taking calls and let those in flight finish (the writer answers every
         liquidation queued), within the grace."""
+        if self._health_watch is not None:
+            self._loop.call_soon_threadsafe(self._health_watch.stop)
         self._on_loop(self._health.enter_graceful_shutdown())
         self._on_loop(self._server.stop(grace_seconds))
         self._close()
 
     def _close(self) -> None:
+        self.metrics.close()
         if self._committer is not None:
             self._committer.close()  # answers everything queued
         if self._writer is not None:
@@ -213,6 +293,14 @@ class LedgerServer:
 
     def wait(self) -> None:
         self._on_loop(self._server.wait_for_termination())
+
+    def reload_auth(self) -> bool:
+        """Read the auth file again (SIGHUP); False, and the old one kept, if it is malformed
+        or there is none."""
+        if self._auth is None:
+            log.warning("no auth file to reload (the server was started without --auth-file)")
+            return False
+        return self._auth.reload()
 
 
 def server_options(settings: Settings, reuse_port: bool) -> list[tuple[str, int]]:
@@ -291,18 +379,50 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        # Checked here first, so that a malformed auth file or an unsafe address stops the
+        # start with a message before any worker or database is touched.
+        security = security_of(settings)
+    except auth.StartupError as error:
+        print(f"ledger: cannot start: {error}", file=sys.stderr, flush=True)
+        return 2
     if settings.workers > 1:
-        return _serve_workers(settings, stopping)
-    server = LedgerServer(settings)
+        return _serve_workers(settings, stopping, security)
+    reload = _Reloader()
+    signal.signal(signal.SIGHUP, reload.on_signal)
+    server = LedgerServer(settings, security=security)
+    reload.attach(server)
     server.start()
-    print(f"ledger listening on port {server.port}", flush=True)
+    print(f"ledger listening on port {server.port} ({server.security.note()})", flush=True)
     stopping.wait()
     server.stop()
     log.info("stopped")
     return 0
 
 
-def _serve_workers(settings: Settings, stopping: threading.Event) -> int:
+class _Reloader:
+    """SIGHUP: reload the auth file. A SIGHUP that comes while the server is still being
+    built (its default action would end the process) is applied once it is."""
+
+    def __init__(self) -> None:
+        self._server: LedgerServer | None = None
+        self._pending = False
+
+    def on_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        log.info("received SIGHUP, reloading the auth file")
+        if self._server is None:
+            self._pending = True
+        else:
+            self._server.reload_auth()
+
+    def attach(self, server: LedgerServer) -> None:
+        self._server = server
+        if self._pending:
+            self._pending = False
+            server.reload_auth()
+
+
+def _serve_workers(settings: Settings, stopping: threading.Event, security: auth.Security) -> int:
     database = Database(settings.database_url, pool_size=1)
     try:
         upgrade(database)
@@ -317,11 +437,24 @@ def _serve_workers(settings: Settings, stopping: threading.Event) -> int:
     context = multiprocessing.get_context("spawn")
     ready = context.Queue()
     workers = [
-        context.Process(target=_worker, args=(shared, ready), name=f"ledger-worker-{n}")
+        context.Process(
+            target=_worker, args=(_worker_settings(shared, n), ready), name=f"ledger-worker-{n}"
+        )
         for n in range(settings.workers)
     ]
+
+    def forward_hup(_signum: int, _frame: FrameType | None) -> None:
+        log.info("received SIGHUP, asking every worker to reload the auth file")
+        for worker in workers:
+            if worker.pid is not None and worker.exitcode is None:
+                os.kill(worker.pid, signal.SIGHUP)
+
+    # A worker inherits an ignored SIGHUP until it has its own handler (else SIGHUP's default
+    # would end it); it reads the auth file after that, so it misses no change.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for worker in workers:
         worker.start()
+    signal.signal(signal.SIGHUP, forward_hup)
     started = 0
     while started < len(workers) and not stopping.is_set():
         try:
@@ -331,7 +464,10 @@ def _serve_workers(settings: Settings, stopping: threading.Event) -> int:
             if any(w.exitcode not in (None, 0) for w in workers):
                 stopping.set()
     if started == len(workers):
-        print(f"ledger listening on port {port} ({len(workers)} workers)", flush=True)
+        print(
+            f"ledger listening on port {port} ({len(workers)} workers; {security.note()})",
+            flush=True,
+        )
     stopping.wait()
     for worker in workers:
         if worker.pid is not None and worker.exitcode is None:
@@ -340,6 +476,14 @@ def _serve_workers(settings: Settings, stopping: threading.Event) -> int:
         worker.join()
     log.info("stopped")
     return 0 if all(w.exitcode == 0 for w in workers) else 1
+
+
+def _worker_settings(shared: Settings, n: int) -> Settings:
+    """Worker n's settings: its metrics (if any) on the metrics port + n."""
+    if not shared.metrics_listen:
+        return shared
+    host, _, port = shared.metrics_listen.rpartition(":")
+    return replace(shared, metrics_listen=f"{host}:{int(port) + n}")
 
 
 def _worker(settings: Settings, ready: Any) -> None:
@@ -351,7 +495,10 @@ def _worker(settings: Settings, ready: Any) -> None:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    reload = _Reloader()
+    signal.signal(signal.SIGHUP, reload.on_signal)
     server = LedgerServer(settings, reuse_port=True)
+    reload.attach(server)
     server.start()
     ready.put(os.getpid())
     stopping.wait()

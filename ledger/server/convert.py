@@ -29,7 +29,6 @@ def policy(view: PolicyView) -> pb.Policy:
         insurance_share=view.insurance_share,
         coverage_ratio=view.coverage_ratio,
         version=view.version,
-        ranking=pb.RANKING_POSITION,
     )
 
 
@@ -89,7 +88,6 @@ def cycle_summary(view: CycleSummary) -> pb.CycleSummary:
         coverage_ratio=view.coverage_ratio,
         version=1 if view.state == CycleState.CLOSED else 0,
         allocation_rate=money.rate(view.allocated_total, view.participant_profit),
-        ranking=pb.RANKING_POSITION,
     )
     if view.closed_at_us:
         message.closed_at.CopyFrom(timestamp(view.closed_at_us))

@@ -9,7 +9,8 @@ columns in memory and a thread of the pool.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ledger import cycle
@@ -21,12 +22,21 @@ from ledger.errors import InvalidArgument, ResourceExhausted
 from ledger.server import convert
 from ledger.server.interceptors import ThreadContext
 
+CloseReport = Callable[[str, float, int, int], None]  # currency, seconds, positions, participants
+
 
 class CycleService:
-    def __init__(self, database: Database, positions_max: int, streams_max: int) -> None:
+    def __init__(
+        self,
+        database: Database,
+        positions_max: int,
+        streams_max: int,
+        on_close: CloseReport | None = None,
+    ) -> None:
         self._db = database
         self._positions_max = positions_max
         self._streams_max = streams_max
+        self._on_close = on_close
         self._streams_open = 0
         self._lock = threading.Lock()
 
@@ -35,9 +45,17 @@ class CycleService:
         closes.remove_abandoned(self._db)
 
     def close(self, messages: Iterator[bytes], context: ThreadContext) -> pb.CycleSummary:
+        started = time.perf_counter()
         with self._stream():
             key, positions, digest = self._receive(messages)
             summary = cycle.close(self._db, key, positions, digest, context.is_active)
+        if self._on_close is not None:
+            self._on_close(
+                key.currency,
+                time.perf_counter() - started,
+                summary.positions_total,
+                summary.participant_count,
+            )
         return convert.cycle_summary(summary)
 
     def preview(self, messages: Iterator[bytes], context: ThreadContext) -> pb.CycleSummary:

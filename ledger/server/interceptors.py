@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
-from ledger.errors import Cancelled, DeadlineExceeded
+from ledger.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from ledger.limits import STREAM_IDLE_SECONDS_DEFAULT
 from ledger.server.details import DETAILS_KEY, status_details
+from ledger.server.metrics import Metrics
 from ledger.server.status import internal_details, status_for
 
 log = logging.getLogger("ledger.calls")
@@ -77,6 +79,14 @@ class ThreadContext:
             raise Cancelled("the client cancelled the call")
         asyncio.run_coroutine_threadsafe(self._context.write(response), self._loop).result()
 
+    def auth_context(self) -> Any:
+        """The call's auth context (its peer's certificate names), read on the loop."""
+
+        async def read() -> Any:
+            return self._context.auth_context()
+
+        return asyncio.run_coroutine_threadsafe(read(), self._loop).result()
+
     def mark_cancelled(self) -> None:
         """grpc cancelled the handler's task on the loop: the client is gone."""
         self._cancelled = True
@@ -96,10 +106,15 @@ class CallInterceptor(_ServerInterceptor):
     """Wraps each method's handler once and reuses the wrapper for every later call to it."""
 
     def __init__(
-        self, pool: Executor, *, stream_idle_s: float = STREAM_IDLE_SECONDS_DEFAULT
+        self,
+        pool: Executor,
+        *,
+        stream_idle_s: float = STREAM_IDLE_SECONDS_DEFAULT,
+        metrics: Metrics | None = None,
     ) -> None:
         self._pool = pool
         self._stream_idle_s = stream_idle_s
+        self._metrics = metrics
         # method → (the handler as registered, its wrapper); grpc asks for every call
         self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
 
@@ -119,40 +134,51 @@ class CallInterceptor(_ServerInterceptor):
         return cached[1]
 
     def _wrap(self, method: str, handler: _Handler) -> _Handler:
-        serdes = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        """The handler with the call log, metrics and error mapping around it; its request is
+        parsed inside (grpc would answer UNKNOWN for bytes that do not parse, outside any
+        interceptor), so that such a request gets INVALID_ARGUMENT like any bad input."""
+        parse = handler.request_deserializer
+        serdes = {"request_deserializer": None, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary), **serdes
+                self._unary(method, "unary", _parsed(handler.unary_unary, parse)), **serdes
             )
-        if handler.stream_unary is not None:
+        if handler.stream_unary is not None and parse is None:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, handler.stream_unary, streamed_requests=True), **serdes
+                self._unary(method, "client_stream", handler.stream_unary, streamed_requests=True),
+                **serdes,
             )
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
             if inspect.iscoroutinefunction(behavior):
                 return grpc.unary_stream_rpc_method_handler(
-                    _in_loop(method, cast(AsyncBehavior, behavior)), **serdes
+                    self._in_loop(
+                        method, "server_stream", cast(AsyncBehavior, _parsed(behavior, parse))
+                    ),
+                    **serdes,
                 )
             if not inspect.isasyncgenfunction(behavior):
                 return grpc.unary_stream_rpc_method_handler(
-                    self._streaming(method, behavior), **serdes
+                    self._streaming(method, _parsed(behavior, parse)), **serdes
                 )
         return handler
 
     def _unary(
-        self, method: str, behavior: Callable[..., Any], *, streamed_requests: bool = False
+        self,
+        method: str,
+        grpc_type: str,
+        behavior: Callable[..., Any],
+        *,
+        streamed_requests: bool = False,
     ) -> AsyncBehavior:
         if inspect.iscoroutinefunction(behavior):
-            return _in_loop(method, cast(AsyncBehavior, behavior))
+            return self._in_loop(method, grpc_type, cast(AsyncBehavior, behavior))
         pool = self._pool
         idle_s = self._stream_idle_s
+        finish = self._finish
 
         async def call(request: Any, context: _Context) -> Any:
-            started = time.perf_counter()
+            started = self._start(method, grpc_type)
             loop = asyncio.get_running_loop()
             thread_context = ThreadContext(context, loop)
             if streamed_requests:
@@ -165,7 +191,7 @@ class CallInterceptor(_ServerInterceptor):
             except Exception as error:
                 await _abort(context, method, error)
             finally:
-                _log(method, context, started)
+                finish(method, grpc_type, context, started)
 
         return call
 
@@ -177,20 +203,67 @@ class CallInterceptor(_ServerInterceptor):
             for response in behavior(request, context):
                 context.write(response)
 
-        return self._unary(method, produce)
+        return self._unary(method, "server_stream", produce)
+
+    def _in_loop(self, method: str, grpc_type: str, behavior: AsyncBehavior) -> AsyncBehavior:
+        finish = self._finish
+
+        async def call(request: Any, context: _Context) -> Any:
+            started = self._start(method, grpc_type)
+            try:
+                return await behavior(request, context)
+            except Exception as error:
+                await _abort(context, method, error)
+            finally:
+                finish(method, grpc_type, context, started)
+
+        return call
+
+    def _start(self, method: str, grpc_type: str) -> float:
+        if self._metrics is not None:
+            self._metrics.call_started(method, grpc_type)
+        return time.perf_counter()
+
+    def _finish(self, method: str, grpc_type: str, context: _Context, started: float) -> None:
+        """The call's one log line, and its metrics."""
+        metrics = self._metrics
+        if metrics is None and not log.isEnabledFor(logging.INFO):
+            return
+        elapsed = time.perf_counter() - started
+        code = context.code() or grpc.StatusCode.OK
+        if context.cancelled():
+            code = grpc.StatusCode.CANCELLED
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        if metrics is not None:
+            metrics.call_handled(method, grpc_type, name, elapsed)
+        log.info("method=%s status=%s duration_ms=%.2f", method, name, elapsed * 1000)
 
 
-def _in_loop(method: str, behavior: AsyncBehavior) -> AsyncBehavior:
-    async def call(request: Any, context: _Context) -> Any:
-        started = time.perf_counter()
+def _parsed(behavior: Callable[..., Any], parse: Callable[[bytes], Any] | None) -> Any:
+    """`behavior` taking its request as bytes, parsed with `parse` (None: as it comes); a
+    request that does not parse is INVALID_ARGUMENT."""
+    if parse is None:
+        return behavior
+
+    def request_of(raw: bytes) -> Any:
         try:
-            return await behavior(request, context)
-        except Exception as error:
-            await _abort(context, method, error)
-        finally:
-            _log(method, context, started)
+            return parse(raw)
+        except DecodeError as error:
+            raise InvalidArgument(
+                "request", f"{len(raw)} bytes", f"is not a valid message: {error}"
+            ) from None
 
-    return call
+    if inspect.iscoroutinefunction(behavior):
+
+        async def parsed_async(raw: bytes, context: Any) -> Any:
+            return await behavior(request_of(raw), context)
+
+        return parsed_async
+
+    def parsed(raw: bytes, context: Any) -> Any:
+        return behavior(request_of(raw), context)
+
+    return parsed
 
 
 class _BlockingRequests:
@@ -258,14 +331,3 @@ async def _abort(context: _Context, method: str, error: Exception) -> NoReturn:
 def _trailer(status: bytes | None) -> tuple[tuple[str, bytes], ...]:
     """The rich details of a status as grpcio-status sends them."""
     return () if status is None else ((DETAILS_KEY, status),)
-
-
-def _log(method: str, context: _Context, started: float) -> None:
-    if not log.isEnabledFor(logging.INFO):
-        return
-    code = context.code() or grpc.StatusCode.OK
-    if context.cancelled():
-        code = grpc.StatusCode.CANCELLED
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-    log.info("method=%s status=%s duration_ms=%.2f", method, name, elapsed_ms)

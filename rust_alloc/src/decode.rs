@@ -14,6 +14,7 @@ const WIRE_VARINT: u64 = 0;
 const WIRE_FIXED64: u64 = 1;
 const WIRE_LEN: u64 = 2;
 const WIRE_FIXED32: u64 = 5;
+const FIELD_NUMBER_MAX: u64 = (1 << 29) - 1; // protobuf's largest field number
 
 /// Why a message was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,6 +116,9 @@ impl<'a> Reader<'a> {
         if key >> 3 == 0 {
             return Err(DecodeError::Malformed("field number 0"));
         }
+        if key >> 3 > FIELD_NUMBER_MAX {
+            return Err(DecodeError::Malformed("field number above 2^29 - 1"));
+        }
         Ok(Some((key >> 3, key & 7)))
     }
 
@@ -163,13 +167,18 @@ fn fixed64s(reader: &mut Reader<'_>, wire: u64, out: &mut Vec<u64>) -> Result<()
     Ok(())
 }
 
-fn header(bytes: &[u8]) -> Result<Item, DecodeError> {
+/// A header's fields merged into `cycle_id` and `currency`: a header that occurs twice in one
+/// message is one header with the later fields winning, as protobuf merges a message field.
+fn header_into(
+    bytes: &[u8],
+    cycle_id: &mut String,
+    currency: &mut String,
+) -> Result<(), DecodeError> {
     let mut reader = Reader { bytes };
-    let (mut cycle_id, mut currency) = (String::new(), String::new());
     while let Some((field, wire)) = reader.key()? {
         let target = match (field, wire) {
-            (1, WIRE_LEN) => &mut cycle_id,
-            (2, WIRE_LEN) => &mut currency,
+            (1, WIRE_LEN) => &mut *cycle_id,
+            (2, WIRE_LEN) => &mut *currency,
             (1 | 2, _) => return Err(DecodeError::Malformed("wrong wire type for a string")),
             _ => {
                 reader.skip(wire)?;
@@ -180,7 +189,7 @@ fn header(bytes: &[u8]) -> Result<Item, DecodeError> {
             .map_err(|_| DecodeError::Malformed("header string is not UTF-8"))?;
         *target = text.to_owned();
     }
-    Ok(Item::Header { cycle_id, currency })
+    Ok(())
 }
 
 /// One chunk's columns (pnl kept as u64 bits until the lengths are checked).
@@ -231,7 +240,12 @@ impl PositionColumns {
         while let Some((field, wire)) = reader.key()? {
             match (field, wire) {
                 (1, WIRE_LEN) => {
-                    item = header(reader.length_delimited()?)?;
+                    let (mut cycle_id, mut currency) = match item {
+                        Item::Header { cycle_id, currency } => (cycle_id, currency),
+                        _ => (String::new(), String::new()),
+                    };
+                    header_into(reader.length_delimited()?, &mut cycle_id, &mut currency)?;
+                    item = Item::Header { cycle_id, currency };
                     chunk = None;
                 }
                 (2, WIRE_LEN) => {
@@ -239,6 +253,7 @@ impl PositionColumns {
                         reader.length_delimited()?,
                         chunk.get_or_insert_with(Chunk::default),
                     )?;
+                    item = Item::Empty; // the oneof is now `positions`
                 }
                 (1 | 2, _) => return Err(DecodeError::Malformed("wrong wire type for an item")),
                 _ => reader.skip(wire)?,
@@ -455,6 +470,42 @@ mod tests {
             Err(DecodeError::TooManyPositions { count: 3, max: 2 })
         );
         assert!(columns.is_empty());
+    }
+
+    fn header_message(field: u8, text: &str) -> Vec<u8> {
+        let inner = [&[field << 3 | 2, text.len() as u8][..], text.as_bytes()].concat();
+        [&[1 << 3 | 2, inner.len() as u8][..], &inner].concat()
+    }
+
+    #[test]
+    fn a_header_twice_in_one_message_merges_as_protobuf_does() {
+        let message = [header_message(1, "a"), header_message(2, "B")].concat();
+        let mut columns = PositionColumns::default();
+        assert_eq!(
+            columns.feed(&message, 10),
+            Ok(Item::Header {
+                cycle_id: "a".into(),
+                currency: "B".into()
+            })
+        );
+        let again = [header_message(1, "a"), header_message(1, "b")].concat();
+        assert_eq!(
+            columns.feed(&again, 10),
+            Ok(Item::Header {
+                cycle_id: "b".into(),
+                currency: String::new()
+            })
+        );
+    }
+
+    #[test]
+    fn a_field_number_above_the_maximum_is_malformed() {
+        let mut columns = PositionColumns::default();
+        let message = [0x80, 0x80, 0x80, 0x80, 0x10, 0x00]; // field 2^29, varint 0
+        assert!(matches!(
+            columns.feed(&message, 10),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -81,6 +81,7 @@ class Transfer:
     credit: str
     amount: int
     memo: str = ""
+    reverses: int = 0  # the entry this one reverses (a correction), 0 for none
 
     def postings(self) -> tuple[Posting, Posting]:
         return Posting(self.debit, -self.amount), Posting(self.credit, self.amount)
@@ -94,13 +95,29 @@ def transfer(
     credit: str,
     amount: int,
     memo: str = "",
+    *,
+    reverses: int = 0,
 ) -> Transfer:
     """Build an entry and check it before anything is written."""
-    entry = Transfer(kind, currency, reference, debit, credit, amount, memo)
+    entry = Transfer(kind, currency, reference, debit, credit, amount, memo, reverses)
     check_postings(entry.postings())
     if debit == credit:
         raise AssertionError(f"entry {kind.name} moves {amount} from {debit} to itself")
     return entry
+
+
+def reversal(entry: Transfer, entry_id: int, reason: str) -> Transfer:
+    """The correction of an entry: the same amount back, from its credit to its debit."""
+    return transfer(
+        entry.kind,
+        entry.currency,
+        entry.reference,
+        entry.credit,
+        entry.debit,
+        entry.amount,
+        reason,
+        reverses=entry_id,
+    )
 
 
 def check_postings(postings: Sequence[Posting]) -> None:
@@ -148,6 +165,7 @@ def entry_hash(
             postings,
             transfer.memo,
             created_at_us,
+            transfer.reverses,
         ]
     )
 

@@ -20,11 +20,12 @@ from ledger.db import liquidations as stored
 from ledger.db import store
 from ledger.db.batch import BatchStatements
 from ledger.db.session import WriterConnection
+from ledger.db.store import StoredEntry
 from ledger.db.u64 import to_signed, to_unsigned
 from ledger.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ledger.idempotency import liquidation_hash
 from ledger.journal import INSURANCE_FUND, LIQUIDATION_ENGINE, SYSTEM_LOSS, EntryKind
-from ledger.limits import INT64_MAX, INT64_MIN, UINT64_MAX
+from ledger.limits import INT64_MAX, INT64_MIN, MEMO_LENGTH_MAX, UINT64_MAX
 
 
 class Side(enum.IntEnum):
@@ -344,6 +345,7 @@ def decide(
                 fund_balance,
                 entry_id,
                 created,
+                None,  # reversal_entry_id
             )
         )
     for i, j in aliases.items():
@@ -405,7 +407,7 @@ def get(session: Session, liquidation_id: str) -> LiquidationRecord:
     if row is None:
         raise NotFound(f"liquidation_id: no liquidation {liquidation_id!r} was recorded")
     (lid, cycle_id, symbol, account, position, side, quantity, takeover, close, margin) = row[:10]
-    currency, value, outcome, fund_balance, entry_id, created = row[10:]
+    currency, value, outcome, fund_balance, entry_id, created, reversal = row[10:]
     return LiquidationRecord(
         lid,
         cycle_id,
@@ -421,5 +423,52 @@ def get(session: Session, liquidation_id: str) -> LiquidationRecord:
             lid, currency, int(value), Outcome(outcome), int(fund_balance), int(entry_id or 0)
         ),
         int(created),
-        False,
+        reversal is not None,
     )
+
+
+def reverse(session: Session, liquidation_id: str, reason: str) -> StoredEntry:
+    """Post the opposite of a liquidation's entry, in an open cycle only; the id stays taken
+    (recording it again returns its result), the cycle's loss no longer counts it, and a
+    repeat returns the same reversal entry.
+
+    Locks the currency's accounts first (the store's lock order), so the cycle cannot close
+    meanwhile and two reversals of one liquidation make one entry.
+    """
+    money.identifier("liquidation_id", liquidation_id)
+    if len(reason) > MEMO_LENGTH_MAX:
+        raise InvalidArgument("reason", reason[:32] + "…", f"longer than {MEMO_LENGTH_MAX}")
+    db = BatchStatements.of_session(session)
+    found = stored.liquidation_row(db, liquidation_id)
+    if found is None:
+        raise NotFound(f"liquidation_id: no liquidation {liquidation_id!r} was recorded")
+    currency = str(found[10])
+    accounts = store.lock_accounts(db, stored.ACCOUNT_NAMES, store.currency_keys([currency]))
+    row = stored.liquidation_row(db, liquidation_id)  # again, under the locks
+    assert row is not None
+    cycle_id, entry_id, reversal = str(row[1]), row[14], row[16]
+    if reversal is not None:
+        return store.load_entry(session, int(reversal))
+    if stored.is_closed(db, currency, cycle_id):
+        raise FailedPrecondition(
+            f"cycle {cycle_id!r} of {currency} is closed; a liquidation of a closed cycle "
+            "cannot be reversed (reverse the cycle first)",
+            type="CYCLE_CLOSED",
+            subject=f"cycle {cycle_id} of {currency}",
+        )
+    if entry_id is None:
+        raise FailedPrecondition(
+            f"liquidation {liquidation_id!r} broke even: it posted no entry to reverse",
+            type="NOTHING_TO_REVERSE",
+            subject=f"liquidation {liquidation_id}",
+        )
+    original = store.load_entry(session, int(entry_id))
+    correction = journal.reversal(original.transfer(), original.entry_id, reason)
+    refused = store.move(accounts, correction, field="liquidation_id")
+    if refused is not None:
+        raise refused
+    heads = store.read_heads(db, [currency])
+    (reversal_id,) = store.append(db, accounts, heads, [correction], store.now_us())
+    db.write_together(heads.writes())
+    stored.set_reversed(db, liquidation_id, reversal_id)
+    return store.load_entry(session, reversal_id)

@@ -176,6 +176,7 @@ def _transfer(currency: str, row: audit.EntryRow) -> Transfer:
         row.credit,
         row.amount,
         row.memo,
+        row.reverses,
     )
 
 

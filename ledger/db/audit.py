@@ -33,6 +33,7 @@ class EntryRow:
     amount: int
     memo: str
     created_at_us: int
+    reverses: int
 
 
 def currencies(db: BatchStatements, only: str | None) -> list[str]:
@@ -54,7 +55,7 @@ def entries(db: BatchStatements, currency: str) -> Iterator[EntryRow]:
     while True:
         rows = db.execute(
             "SELECT id, chain_seq, hash, kind, reference, debit_account, credit_account, amount,"
-            " memo, created_at_us FROM entries WHERE currency = ?"
+            " memo, created_at_us, reverses FROM entries WHERE currency = ?"
             " AND (chain_seq > ? OR (chain_seq = ? AND id > ?))"
             f" ORDER BY chain_seq, id LIMIT {ENTRIES_PER_PAGE}",
             (currency, after[0], after[0], after[1]),
@@ -71,6 +72,7 @@ def entries(db: BatchStatements, currency: str) -> Iterator[EntryRow]:
                 int(row[7]),
                 str(row[8]),
                 int(row[9]),
+                int(row[10]),
             )
         if len(rows) < ENTRIES_PER_PAGE:
             return
@@ -95,7 +97,8 @@ def cycle_loss(db: BatchStatements, currency: str, cycle_id: str) -> int:
     """The cycle's LIQUIDATION_LOSS entries, summed from the journal (not the liquidations)."""
     row = db.execute(
         "SELECT coalesce(sum(e.amount), 0) FROM liquidations l JOIN entries e"
-        " ON e.id = l.entry_id WHERE l.currency = ? AND l.cycle_id = ? AND l.outcome = 2",
+        " ON e.id = l.entry_id WHERE l.currency = ? AND l.cycle_id = ? AND l.outcome = 2"
+        " AND l.reversal_entry_id IS NULL",
         (currency, cycle_id),
     ).fetchone()
     return int(row[0])
@@ -126,9 +129,10 @@ def broken_liquidations(db: BatchStatements, currency: str) -> list[tuple[str, s
     each of the engine result's size and naming the liquidation; a break-even has none."""
     rows = db.execute(
         "SELECT l.liquidation_id, l.engine_result, l.outcome, l.entry_id, e.id, e.kind,"
-        " e.reference, e.debit_account, e.credit_account, e.amount, e.currency"
+        " e.reference, e.debit_account, e.credit_account, e.amount, l.reversal_entry_id"
         " FROM liquidations l LEFT JOIN entries e ON e.id = l.entry_id"
-        " WHERE l.currency = ? AND NOT coalesce(("
+        " LEFT JOIN entries r ON r.id = l.reversal_entry_id"
+        " WHERE l.currency = ? AND (NOT coalesce(("
         "  (l.engine_result = 0 AND l.outcome = 3 AND l.entry_id IS NULL)"
         "  OR (l.engine_result > 0 AND l.outcome = 1 AND e.kind = 3"
         "      AND e.debit_account = 'liquidation_engine' AND e.credit_account = 'insurance_fund'"
@@ -137,12 +141,18 @@ def broken_liquidations(db: BatchStatements, currency: str) -> list[tuple[str, s
         "  OR (l.engine_result < 0 AND l.outcome = 2 AND e.kind = 4"
         "      AND e.debit_account = 'system_loss' AND e.credit_account = 'liquidation_engine'"
         "      AND e.amount = -l.engine_result AND e.reference = l.liquidation_id"
-        "      AND e.currency = l.currency)), false)",  # a missing entry compares as NULL
+        "      AND e.currency = l.currency)), false)"  # a missing entry compares as NULL
+        " OR (l.reversal_entry_id IS NOT NULL AND NOT coalesce((r.reverses = e.id"
+        "      AND r.kind = e.kind AND r.debit_account = e.credit_account"
+        "      AND r.credit_account = e.debit_account AND r.amount = e.amount"
+        "      AND r.reference = l.liquidation_id), false)))",
         (currency,),
     ).fetchall()
     problems = []
-    for lid, result, outcome, entry_id, found, kind, reference, debit, credit, amount, _cur in rows:
-        if entry_id is None:
+    for lid, result, outcome, entry_id, found, kind, reference, debit, credit, amount, rev in rows:
+        if rev is not None and found is not None:
+            what = f"its reversal entry {rev} is missing or does not reverse entry {entry_id}"
+        elif entry_id is None:
             what = f"engine result {result} (outcome {outcome}) but no entry"
         elif found is None:
             what = f"its entry {entry_id} is missing"
@@ -159,7 +169,8 @@ def orphan_liquidation_entries(db: BatchStatements, currency: str) -> list[tuple
     """LIQUIDATION_PROFIT/LOSS entries whose liquidation is not there: (entry id, reference)."""
     rows = db.execute(
         "SELECT e.id, e.reference FROM entries e LEFT JOIN liquidations l"
-        " ON l.entry_id = e.id WHERE e.currency = ? AND e.kind IN (3, 4)"
+        " ON l.entry_id = e.id OR l.reversal_entry_id = e.id"
+        " WHERE e.currency = ? AND e.kind IN (3, 4)"
         " AND l.liquidation_id IS NULL ORDER BY e.id",
         (currency,),
     ).fetchall()

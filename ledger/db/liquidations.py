@@ -93,6 +93,7 @@ def writes(
 _LOSS_TOTAL = (
     "SELECT coalesce(sum(engine_result), 0) FROM liquidations"
     f" WHERE currency = ? AND cycle_id = ? AND outcome = {OUTCOME_SYSTEM_LOSS}"
+    " AND reversal_entry_id IS NULL"
 )
 
 
@@ -105,7 +106,8 @@ def cycle_loss_total(db: BatchStatements, currency: str, cycle_id: str) -> int:
 _SELECT_ONE = (
     "SELECT liquidation_id, cycle_id, symbol, account_id, position_id, side, quantity,"
     " takeover_price, close_price, remaining_margin, currency, engine_result, outcome,"
-    " fund_balance_after, entry_id, created_at_us FROM liquidations WHERE liquidation_id = ?"
+    " fund_balance_after, entry_id, created_at_us, reversal_entry_id FROM liquidations"
+    " WHERE liquidation_id = ?"
 )
 
 
@@ -119,7 +121,8 @@ _OPEN_CYCLES = (
     "SELECT l.currency, l.cycle_id,"
     f" coalesce(sum(CASE WHEN l.outcome = {OUTCOME_SYSTEM_LOSS} THEN -l.engine_result"
     " ELSE 0 END), 0), count(*), min(l.created_at_us), max(l.created_at_us)"
-    " FROM liquidations l WHERE {} AND NOT EXISTS (SELECT 1 FROM cycles c"
+    " FROM liquidations l WHERE {} AND l.reversal_entry_id IS NULL AND NOT EXISTS"
+    " (SELECT 1 FROM cycles c"
     " WHERE c.currency = l.currency AND c.cycle_id = l.cycle_id)"
     " GROUP BY l.currency, l.cycle_id ORDER BY l.currency, min(l.created_at_us), l.cycle_id"
 )
@@ -133,3 +136,17 @@ def open_cycles(db: BatchStatements, currency: str) -> list[tuple[Any, ...]]:
     else:
         rows = db.execute(_OPEN_CYCLES.format("1 = 1")).fetchall()
     return [tuple(row) for row in rows]
+
+
+def set_reversed(db: BatchStatements, liquidation_id: str, reversal_entry_id: int) -> None:
+    db.execute(
+        "UPDATE liquidations SET reversal_entry_id = ? WHERE liquidation_id = ?",
+        (reversal_entry_id, liquidation_id),
+    )
+
+
+def is_closed(db: BatchStatements, currency: str, cycle_id: str) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM cycles WHERE currency = ? AND cycle_id = ?", (currency, cycle_id)
+    ).fetchone()
+    return row is not None

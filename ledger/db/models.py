@@ -123,6 +123,8 @@ class Entry(Base):
     # Its link in the currency's chain (see journal.entry_hash; VerifyLedger checks it).
     chain_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
     hash: Mapped[str] = mapped_column(String(64), server_default="")
+    # A correction: the entry this one reverses (0 for none). Entries stay append-only.
+    reverses: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class ChainHead(Base):
@@ -172,6 +174,8 @@ class Liquidation(Base):
     # liquidation's cost). VerifyLedger checks that every entry_id names its entry.
     entry_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at_us: Mapped[int] = mapped_column(BigInteger)
+    # ReverseLiquidation's entry, once reversed (the cycle's loss no longer counts it).
+    reversal_entry_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Cycle(Base):

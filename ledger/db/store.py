@@ -338,6 +338,7 @@ def entry_row(
         transfer.memo,
         created_at_us,
         *link,
+        transfer.reverses,
     )
 
 
@@ -404,6 +405,23 @@ class StoredEntry:
     memo: str = ""
     position_id: int = 0
     pnl: int = 0
+    reverses: int = 0
+
+    def transfer(self) -> Transfer:
+        """The entry in its stored form (a system entry: one debit, one credit)."""
+        debit, credit = self.postings
+        if debit.amount > 0:
+            debit, credit = credit, debit
+        return Transfer(
+            self.kind,
+            self.currency,
+            self.reference,
+            debit.account,
+            credit.account,
+            credit.amount,
+            self.memo,
+            self.reverses,
+        )
 
 
 def account_balance(session: Session, currency: str, name: str) -> int:
@@ -426,9 +444,17 @@ def stored_entry(row: models.Entry) -> StoredEntry:
         row.credit_account,
         row.amount,
         row.memo,
+        row.reverses,
     )
     return StoredEntry(
-        row.id, t.kind, t.currency, t.reference, t.postings(), row.created_at_us, row.memo
+        row.id,
+        t.kind,
+        t.currency,
+        t.reference,
+        t.postings(),
+        row.created_at_us,
+        row.memo,
+        reverses=row.reverses,
     )
 
 

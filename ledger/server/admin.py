@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from ledger import currency, fund
+from ledger import currency, fund, liquidation
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
 from ledger.db.session import Database
@@ -57,4 +57,11 @@ class AdminService(pb_grpc.AdminServicer):
                 request.amount,
                 request.memo,
             )
+        return convert.entry(entry)
+
+    def ReverseLiquidation(
+        self, request: pb.ReverseLiquidationRequest, context: grpc.ServicerContext
+    ) -> pb.Entry:
+        with self._db.write() as session:
+            entry = liquidation.reverse(session, request.liquidation_id, request.reason)
         return convert.entry(entry)

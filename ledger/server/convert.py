@@ -52,6 +52,7 @@ def entry(view: StoredEntry) -> pb.Entry:
         memo=view.memo,
         position_id=view.position_id,
         pnl=view.pnl,
+        reverses=view.reverses,
     )
 
 

@@ -1,4 +1,5 @@
-"""The tamper-evident chain: a hash on every entry and cycle close, and each currency's head.
+"""The tamper-evident chain: a hash on every entry and cycle close, and each currency's head;
+corrections by reversal: an entry's `reverses`, a liquidation's `reversal_entry_id`.
 
 Existing rows are linked in the order they were written: a currency's entries by id, then its
 closed cycles by id, each cycle carrying the digest of its allocation rows.
@@ -59,6 +60,11 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("hash", sa.String(length=64), server_default="", nullable=False)
         )
+        batch_op.add_column(
+            sa.Column("reverses", sa.BigInteger(), server_default="0", nullable=False)
+        )
+    with op.batch_alter_table("liquidations") as batch_op:
+        batch_op.add_column(sa.Column("reversal_entry_id", sa.BigInteger(), nullable=True))
     with op.batch_alter_table("cycles") as batch_op:
         batch_op.add_column(
             sa.Column("allocations_digest", sa.String(length=64), server_default="", nullable=False)
@@ -139,11 +145,14 @@ def _link(bind: sa.Connection, currency: str) -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("liquidations") as batch_op:
+        batch_op.drop_column("reversal_entry_id")
     op.drop_table("chain_heads")
     with op.batch_alter_table("cycles") as batch_op:
         batch_op.drop_column("hash")
         batch_op.drop_column("chain_seq")
         batch_op.drop_column("allocations_digest")
     with op.batch_alter_table("entries") as batch_op:
+        batch_op.drop_column("reverses")
         batch_op.drop_column("hash")
         batch_op.drop_column("chain_seq")

@@ -10,7 +10,10 @@ POSITIONS_MAX: int
 
 _Summary = tuple[int, int, int, int, int, int, int, int, int, bool, int, int]
 """fund_share, fund_paid, user_due, positions_total, profitable_count, profit_total,
-cutoff_pnl, participant_count, participant_profit, widened, allocated_total, uncovered."""
+cutoff_pnl, participant_count, participant_profit, widened, allocated_total, uncovered.
+
+``ranking``: 1 ranks positions (the default), 2 ranks accounts; anything else is an
+AllocationError."""
 
 class AllocationError(ValueError): ...
 class ColumnLengthError(AllocationError): ...
@@ -18,6 +21,7 @@ class ColumnTypeError(AllocationError): ...
 class DuplicatePositionError(AllocationError): ...
 class NegativeAmountError(AllocationError): ...
 class RatioError(AllocationError): ...
+class AccountProfitError(AllocationError): ...
 class MalformedMessageError(AllocationError): ...
 class PositionLimitError(Exception): ...
 class AllocationInvariantError(RuntimeError): ...
@@ -30,6 +34,7 @@ def allocate(
     position_id: object,
     account_id: object,
     pnl: object,
+    ranking: int = 1,
 ) -> tuple[
     _Summary,
     npt.NDArray[np.uint64],
@@ -47,7 +52,12 @@ class CycleInputDecoder:
     def __len__(self) -> int: ...
     def input_digest(self) -> str: ...
     def allocate(
-        self, loss: int, fund_balance: int, insurance_share: str, coverage_ratio: str
+        self,
+        loss: int,
+        fund_balance: int,
+        insurance_share: str,
+        coverage_ratio: str,
+        ranking: int = 1,
     ) -> tuple[
         _Summary,
         npt.NDArray[np.uint64],

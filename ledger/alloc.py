@@ -9,8 +9,16 @@ Money is integer minor units; the ratios are exact decimals (``str`` or ``Decima
 floats. ``profit_total`` and ``participant_profit`` are Python ints that can exceed int64 (a
 sum of many int64 profits); every other amount fits int64.
 
+``ranking`` chooses what the cut ranks (issue 13, item 5): ``Ranking.POSITION``, the default and
+the seed's rule, or ``Ranking.ACCOUNT``: each account by the sum of its profitable positions'
+pnl, each charged account's charge then split over those positions pro rata by pnl. The result
+is per position either way; under account ranking ``profitable_count``, ``participant_count``,
+``participant_profit`` and ``cutoff_pnl`` speak of accounts. The values are the contract's
+``Ranking`` numbers, so a policy's stored value converts with ``Ranking(value)``.
+
 Errors: ``AllocationError`` (a ``ValueError``) and its subclasses for invalid input, which the
-server answers with INVALID_ARGUMENT; ``PositionLimitError`` for too many positions
+server answers with INVALID_ARGUMENT (``AccountProfitError`` when, under account ranking, an
+account's profit exceeds int64); ``PositionLimitError`` for too many positions
 (RESOURCE_EXHAUSTED); ``AllocationInvariantError`` (a ``RuntimeError``) if a result check fails,
 which is a bug (INTERNAL).
 """
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from enum import IntEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +35,7 @@ import numpy.typing as npt
 from ledger import _alloc
 from ledger._alloc import (
     POSITIONS_MAX,
+    AccountProfitError,
     AllocationError,
     AllocationInvariantError,
     ColumnLengthError,
@@ -39,6 +49,7 @@ from ledger._alloc import (
 
 __all__ = [
     "POSITIONS_MAX",
+    "AccountProfitError",
     "AllocationError",
     "AllocationInvariantError",
     "AllocationResult",
@@ -50,6 +61,7 @@ __all__ = [
     "MalformedMessageError",
     "NegativeAmountError",
     "PositionLimitError",
+    "Ranking",
     "RatioError",
     "allocate",
     "allocations_digest",
@@ -59,6 +71,14 @@ __all__ = [
 ]
 
 Ratio = str | Decimal
+
+
+class Ranking(IntEnum):
+    """What the cut ranks: the contract's ``Ranking`` values (0, unspecified, is resolved by the
+    policy before any allocation, so it is not one)."""
+
+    POSITION = 1
+    ACCOUNT = 2
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -102,6 +122,15 @@ def _ratio_text(name: str, ratio: Ratio) -> str:
 INT64_MAX = 2**63 - 1
 
 
+def _ranking(ranking: Ranking) -> int:
+    """The ranking's number (a plain int 1 or 2 is accepted too), as the core takes it."""
+    if isinstance(ranking, bool) or not isinstance(ranking, int):
+        raise AllocationError(f"ranking must be a Ranking, got {type(ranking).__name__}")
+    if ranking not in (Ranking.POSITION, Ranking.ACCOUNT):
+        raise AllocationError(f"ranking must be 1 (position) or 2 (account), got {ranking}")
+    return int(ranking)
+
+
 def _amount(name: str, value: int) -> int:
     """An amount as the core takes it: an int (not bool) in int64; negatives are left to the
     core, which names them."""
@@ -120,11 +149,13 @@ def allocate(
     position_id: object,
     account_id: object,
     pnl: object,
+    ranking: Ranking = Ranking.POSITION,
 ) -> AllocationResult:
     """Allocates a cycle's loss between the insurance fund and the profitable positions.
 
     ``position_id`` and ``account_id`` are uint64 buffers, ``pnl`` an int64 buffer, of equal
-    length. See issue 3 for the rules; the Rust core checks its outputs before returning.
+    length. See issue 3 for the rules, issue 13 for ``ranking``; the Rust core checks its
+    outputs before returning.
     """
     summary, ids, accounts, pnls, amounts = _alloc.allocate(
         _amount("loss", loss),
@@ -134,6 +165,7 @@ def allocate(
         position_id,
         account_id,
         pnl,
+        _ranking(ranking),
     )
     return _result(summary, ids, accounts, pnls, amounts)
 
@@ -178,7 +210,12 @@ class CycleInputDecoder:
         return self._native.input_digest()
 
     def allocate(
-        self, loss: int, fund_balance: int, insurance_share: Ratio, coverage_ratio: Ratio
+        self,
+        loss: int,
+        fund_balance: int,
+        insurance_share: Ratio,
+        coverage_ratio: Ratio,
+        ranking: Ranking = Ranking.POSITION,
     ) -> AllocationResult:
         """``allocate`` over the accumulated positions, without copying them out of Rust."""
         summary, ids, accounts, pnls, amounts = self._native.allocate(
@@ -186,6 +223,7 @@ class CycleInputDecoder:
             _amount("fund_balance", fund_balance),
             _ratio_text("insurance_share", insurance_share),
             _ratio_text("coverage_ratio", coverage_ratio),
+            _ranking(ranking),
         )
         return _result(summary, ids, accounts, pnls, amounts)
 

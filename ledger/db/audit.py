@@ -9,8 +9,7 @@ is never in memory at once.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.orm import Session
 
@@ -21,8 +20,7 @@ from ledger.db.closes import CYCLE_HASHED_COLUMNS
 ENTRIES_PER_PAGE = 50_000
 
 
-@dataclass(frozen=True, slots=True)
-class EntryRow:
+class EntryRow(NamedTuple):
     entry_id: int
     chain_seq: int
     hash: str
@@ -50,33 +48,22 @@ def head(db: BatchStatements, currency: str) -> tuple[int, str] | None:
 
 
 def entries(db: BatchStatements, currency: str) -> Iterator[EntryRow]:
-    """The currency's entries in chain order (then id: rows outside the chain, seq 0, first)."""
-    after = (-1, -1)
+    """The currency's entries in id order, in pages by the primary key. Within a currency
+    that is chain order: every writer takes its entry ids after the currency's locks, so a
+    currency's ids ascend as its links do (VerifyLedger checks that they do)."""
+    after = -1
     while True:
         rows = db.execute(
             "SELECT id, chain_seq, hash, kind, reference, debit_account, credit_account, amount,"
-            " memo, created_at_us, reverses FROM entries WHERE currency = ?"
-            " AND (chain_seq > ? OR (chain_seq = ? AND id > ?))"
-            f" ORDER BY chain_seq, id LIMIT {ENTRIES_PER_PAGE}",
-            (currency, after[0], after[0], after[1]),
+            " memo, created_at_us, reverses FROM entries WHERE currency = ? AND id > ?"
+            f" ORDER BY id LIMIT {ENTRIES_PER_PAGE}",
+            (currency, after),
         ).fetchall()
         for row in rows:
-            yield EntryRow(
-                int(row[0]),
-                int(row[1]),
-                str(row[2]),
-                int(row[3]),
-                str(row[4]),
-                str(row[5]),
-                str(row[6]),
-                int(row[7]),
-                str(row[8]),
-                int(row[9]),
-                int(row[10]),
-            )
+            yield EntryRow(*row)
         if len(rows) < ENTRIES_PER_PAGE:
             return
-        after = (int(rows[-1][1]), int(rows[-1][0]))
+        after = int(rows[-1][0])
 
 
 def cycles(db: BatchStatements, currency: str) -> list[dict[str, Any]]:
@@ -166,12 +153,13 @@ def broken_liquidations(db: BatchStatements, currency: str) -> list[tuple[str, s
 
 
 def orphan_liquidation_entries(db: BatchStatements, currency: str) -> list[tuple[int, str]]:
-    """LIQUIDATION_PROFIT/LOSS entries whose liquidation is not there: (entry id, reference)."""
+    """LIQUIDATION_PROFIT/LOSS entries whose liquidation is not there: (entry id, reference).
+    The liquidation is looked up by its key, the entry's reference (an OR join on its two
+    entry columns would compare every entry with every liquidation)."""
     rows = db.execute(
-        "SELECT e.id, e.reference FROM entries e LEFT JOIN liquidations l"
-        " ON l.entry_id = e.id OR l.reversal_entry_id = e.id"
-        " WHERE e.currency = ? AND e.kind IN (3, 4)"
-        " AND l.liquidation_id IS NULL ORDER BY e.id",
+        "SELECT e.id, e.reference FROM entries e WHERE e.currency = ? AND e.kind IN (3, 4)"
+        " AND NOT EXISTS (SELECT 1 FROM liquidations l WHERE l.liquidation_id = e.reference"
+        " AND (l.entry_id = e.id OR l.reversal_entry_id = e.id)) ORDER BY e.id",
         (currency,),
     ).fetchall()
     return [(int(a), str(b)) for a, b in rows]

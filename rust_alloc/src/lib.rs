@@ -6,11 +6,15 @@
 //! fund share, cut at the coverage ratio with ties in, widening, pro-rata split with the
 //! leftover units to the largest remainders.
 //!
+//! [`allocate_ranked`] also offers issue 13's account ranking (`account.rs`): the cut over
+//! accounts, each account's charge then split over its positions.
+//!
 //! The Python bindings live in `py.rs` behind the `python` feature, so this crate builds and
 //! is tested without Python.
 
 use std::fmt;
 
+mod account;
 pub mod decode;
 mod ids;
 pub mod order;
@@ -64,6 +68,29 @@ impl Policy {
             insurance_share,
             coverage_ratio,
         })
+    }
+}
+
+/// What the cut ranks (issue 13, item 5): the numbers are the contract's `Ranking` values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ranking {
+    /// Each profitable position by its pnl: the seed's rule, and the default.
+    #[default]
+    Position,
+    /// Each account by its profit (the sum of its profitable positions' pnl); each account's
+    /// charge is then split over its profitable positions pro rata by pnl.
+    Account,
+}
+
+impl Ranking {
+    /// `RANKING_POSITION = 1` or `RANKING_ACCOUNT = 2`; `None` for anything else (0, the
+    /// contract's "unspecified", is resolved by the policy before an allocation, never here).
+    pub fn from_number(number: i64) -> Option<Self> {
+        match number {
+            1 => Some(Self::Position),
+            2 => Some(Self::Account),
+            _ => None,
+        }
     }
 }
 
@@ -126,6 +153,12 @@ pub enum AllocError {
         count: usize,
         max: usize,
     },
+    /// Under account ranking, an account whose profitable positions sum beyond i64 (the
+    /// smallest such account id).
+    AccountProfitTooLarge {
+        account_id: u64,
+        profit: u128,
+    },
     /// A result check failed: a bug, never the input's fault.
     InvariantBroken(&'static str),
 }
@@ -170,6 +203,12 @@ impl fmt::Display for AllocError {
             Self::TooManyPositions { count, max } => {
                 write!(f, "{count} positions exceed the limit of {max}")
             }
+            Self::AccountProfitTooLarge { account_id, profit } => write!(
+                f,
+                "account {account_id}'s profit {profit} exceeds the int64 maximum {} \
+                 (account ranking sums its profitable positions)",
+                i64::MAX
+            ),
             Self::InvariantBroken(what) => write!(f, "allocation invariant broken: {what}"),
         }
     }
@@ -177,18 +216,29 @@ impl fmt::Display for AllocError {
 
 impl std::error::Error for AllocError {}
 
-/// Allocates a cycle's loss: the fund's part, then the participants' pro-rata parts.
-///
-/// Passes over the input: one scan (ids ascending? their range; the profits' histogram),
-/// one for the cut (exact sums above a narrow candidate range, the candidates), and one
-/// writing the participants' rows; unordered ids add one building their row map. Then two
-/// light passes over the rows: the leftover units and the checks.
-pub fn allocate(
+/// Allocates a cycle's loss under the given ranking: [`allocate`] for positions, the account
+/// ranking of issue 13 otherwise (the same input checks, the same output columns per position;
+/// the summary's profitable_count, participant_count, participant_profit and cutoff_pnl then
+/// speak of accounts).
+pub fn allocate_ranked(
     loss: i64,
     fund_balance: i64,
     policy: Policy,
+    ranking: Ranking,
     positions: Positions<'_>,
 ) -> Result<Allocation, AllocError> {
+    match ranking {
+        Ranking::Position => allocate(loss, fund_balance, policy, positions),
+        Ranking::Account => {
+            check_input(loss, fund_balance, positions)?;
+            account::allocate(loss, fund_balance, policy, positions)
+        }
+    }
+}
+
+/// The checks every allocation makes before reading a pnl: column lengths, the signs of the
+/// loss and the balance, the position limit. (Duplicate ids are found while ordering them.)
+fn check_input(loss: i64, fund_balance: i64, positions: Positions<'_>) -> Result<(), AllocError> {
     let Positions {
         position_id,
         account_id,
@@ -214,6 +264,26 @@ pub fn allocate(
             max: POSITIONS_MAX,
         });
     }
+    Ok(())
+}
+
+/// Allocates a cycle's loss: the fund's part, then the participants' pro-rata parts.
+///
+/// Passes over the input: one scan (ids ascending? their range; the profits' histogram),
+/// one for the cut (exact sums above a narrow candidate range, the candidates), and one
+/// writing the participants' rows; unordered ids add one building their row map. Then two
+/// light passes over the rows: the leftover units and the checks.
+pub fn allocate(
+    loss: i64,
+    fund_balance: i64,
+    policy: Policy,
+    positions: Positions<'_>,
+) -> Result<Allocation, AllocError> {
+    check_input(loss, fund_balance, positions)?;
+    let Positions {
+        position_id, pnl, ..
+    } = positions;
+    let n = position_id.len();
     let scan = select::scan(position_id, pnl);
 
     // Rule 1: the fund's part. Fits i64: fund_share <= loss because q <= 1.

@@ -8,7 +8,7 @@ use pyo3::types::{PyBytes, PyTuple};
 
 use crate::decode::{self, DecodeError, Item, PositionColumns};
 use crate::order;
-use crate::{allocate as allocate_core, AllocError, Allocation, Policy, Positions};
+use crate::{allocate_ranked, AllocError, Allocation, Policy, Positions, Ranking};
 
 pyo3::create_exception!(
     ledger._alloc,
@@ -54,6 +54,12 @@ pyo3::create_exception!(
 );
 pyo3::create_exception!(
     ledger._alloc,
+    AccountProfitError,
+    AllocationError,
+    "Under account ranking, an account's profit beyond int64."
+);
+pyo3::create_exception!(
+    ledger._alloc,
     PositionLimitError,
     PyException,
     "More positions than allowed (the server answers RESOURCE_EXHAUSTED)."
@@ -76,6 +82,7 @@ fn to_py(error: AllocError) -> PyErr {
         }
         AllocError::Ratio { .. } => RatioError::new_err(message),
         AllocError::TooManyPositions { .. } => PositionLimitError::new_err(message),
+        AllocError::AccountProfitTooLarge { .. } => AccountProfitError::new_err(message),
         AllocError::InvariantBroken(_) => AllocationInvariantError::new_err(message),
     }
 }
@@ -165,6 +172,7 @@ impl CycleInputDecoder {
             .map_err(decode_to_py)
     }
 
+    #[pyo3(signature = (loss, fund_balance, insurance_share, coverage_ratio, ranking = 1))]
     fn allocate<'py>(
         &self,
         py: Python<'py>,
@@ -172,10 +180,13 @@ impl CycleInputDecoder {
         fund_balance: i64,
         insurance_share: &str,
         coverage_ratio: &str,
+        ranking: i64,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let policy = policy(insurance_share, coverage_ratio)?;
+        let ranking = ranking_of(ranking)?;
         let positions = self.columns.positions();
-        let allocation = py.detach(|| allocate_core(loss, fund_balance, policy, positions));
+        let allocation =
+            py.detach(|| allocate_ranked(loss, fund_balance, policy, ranking, positions));
         result_to_py(py, allocation.map_err(to_py)?)
     }
 }
@@ -313,6 +324,15 @@ pub(crate) fn policy(insurance_share: &str, coverage_ratio: &str) -> PyResult<Po
     Policy::parse(insurance_share, coverage_ratio).map_err(to_py)
 }
 
+/// The contract's ranking number: 1 (position) or 2 (account).
+fn ranking_of(number: i64) -> PyResult<Ranking> {
+    Ranking::from_number(number).ok_or_else(|| {
+        AllocationError::new_err(format!(
+            "ranking must be 1 (position) or 2 (account), got {number}"
+        ))
+    })
+}
+
 /// The result as (summary tuple, position_id, account_id, pnl, amount).
 pub(crate) fn result_to_py<'py>(
     py: Python<'py>,
@@ -348,6 +368,9 @@ pub(crate) fn result_to_py<'py>(
 }
 
 #[pyfunction]
+#[pyo3(signature = (
+    loss, fund_balance, insurance_share, coverage_ratio, position_id, account_id, pnl, ranking = 1
+))]
 #[allow(clippy::too_many_arguments)]
 fn allocate<'py>(
     py: Python<'py>,
@@ -358,8 +381,10 @@ fn allocate<'py>(
     position_id: &Bound<'py, PyAny>,
     account_id: &Bound<'py, PyAny>,
     pnl: &Bound<'py, PyAny>,
+    ranking: i64,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let policy = policy(insurance_share, coverage_ratio)?;
+    let ranking = ranking_of(ranking)?;
     let position_id = Column::<u64>::get("position_id", "uint64", position_id)?;
     let account_id = Column::<u64>::get("account_id", "uint64", account_id)?;
     let pnl = Column::<i64>::get("pnl", "int64", pnl)?;
@@ -368,7 +393,7 @@ fn allocate<'py>(
         account_id: account_id.slice(),
         pnl: pnl.slice(),
     };
-    let allocation = py.detach(|| allocate_core(loss, fund_balance, policy, positions));
+    let allocation = py.detach(|| allocate_ranked(loss, fund_balance, policy, ranking, positions));
     result_to_py(py, allocation.map_err(to_py)?)
 }
 
@@ -395,6 +420,7 @@ fn _alloc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("NegativeAmountError", py.get_type::<NegativeAmountError>())?;
     m.add("RatioError", py.get_type::<RatioError>())?;
+    m.add("AccountProfitError", py.get_type::<AccountProfitError>())?;
     m.add("PositionLimitError", py.get_type::<PositionLimitError>())?;
     m.add(
         "AllocationInvariantError",

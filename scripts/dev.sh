@@ -29,6 +29,18 @@ ensure_postgres() {
   export LEDGER_TEST_POSTGRES_URL
 }
 
+ensure_chromium() {
+  # The dashboard's browser test drives Debian's chromium through its chromedriver.
+  if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
+    if [[ $(id -u) -ne 0 ]]; then
+      echo "Chromium is needed for the tests: apt-get install chromium chromium-driver" >&2
+      exit 1
+    fi
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+  fi
+}
+
 case "${1:-}" in
   serve)
     shift
@@ -39,6 +51,7 @@ case "${1:-}" in
     shift
     install
     ensure_postgres
+    ensure_chromium
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/mypy"

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from ledger import fund
+from ledger import currency, fund
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.db.migrate import upgrade
 from ledger.db.session import (
@@ -53,6 +53,7 @@ from ledger.server import auth
 from ledger.server.admin import AdminService
 from ledger.server.clearing import ClearingService, Committer
 from ledger.server.cycles import CycleService
+from ledger.server.dashboard import Dashboard, channel_credentials, check_listen, dial_target
 from ledger.server.health import DatabaseHealth
 from ledger.server.interceptors import CallInterceptor
 from ledger.server.liquidation_writer import WriterProcess, WriterSettings
@@ -102,8 +103,9 @@ class Settings:
 
 
 def security_of(settings: Settings) -> auth.Security:
-    """The settings' auth file and TLS files, loaded and checked (auth.StartupError)."""
-    return auth.security(
+    """The settings' auth file and TLS files, loaded and checked, and the dashboard's
+    address checked by the same rule as the gRPC port's (auth.StartupError)."""
+    security = auth.security(
         listen=settings.listen,
         auth_file=settings.auth_file,
         tls_cert=settings.tls_cert,
@@ -111,6 +113,8 @@ def security_of(settings: Settings) -> auth.Security:
         tls_client_ca=settings.tls_client_ca,
         insecure=settings.insecure,
     )
+    check_listen(settings.http_listen, security, insecure=settings.insecure)
+    return security
 
 
 class LedgerServer:
@@ -163,6 +167,9 @@ class LedgerServer:
         self._checkpointer = Checkpointer(self.database) if self.database.is_sqlite else None
         self.metrics = Metrics()
         self.metrics_port = 0
+        self._reuse_port = reuse_port
+        self._dashboard: Dashboard | None = None
+        self.http_port = 0
         self._health_watch: DatabaseHealth | None = None
         try:
             self._writer = WriterProcess(
@@ -259,7 +266,24 @@ class LedgerServer:
         self._on_loop(self._start())
         if self.settings.metrics_listen:
             self.metrics_port = self.metrics.serve(self.settings.metrics_listen)
+        if self.settings.http_listen:
+            self._start_dashboard()
         log.info("serving on port %d, database %s", self.port, self.database.backend)
+
+    def _start_dashboard(self) -> None:
+        """The dashboard calls this server's gRPC port like any client, with its TLS."""
+        settings = self.settings
+        self._dashboard = Dashboard(
+            dial_target(settings.listen, self.port),
+            channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+            require_token=self.security.auth is not None,
+            known_currencies=self._currencies,
+        )
+        self.http_port = self._dashboard.serve(settings.http_listen, reuse_port=self._reuse_port)
+
+    def _currencies(self) -> list[tuple[str, int]]:
+        with self.database.read() as session:
+            return [(view.code, view.scale) for view in currency.list_currencies(session)]
 
     async def _start(self) -> None:
         await self._server.start()
@@ -271,6 +295,9 @@ class LedgerServer:
     def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop taking calls and let those in flight finish (the writer answers every
         liquidation queued), within the grace."""
+        # The dashboard first: its requests in flight still find the gRPC server up.
+        if self._dashboard is not None:
+            self._dashboard.close()
         if self._health_watch is not None:
             self._loop.call_soon_threadsafe(self._health_watch.stop)
         self._on_loop(self._health.enter_graceful_shutdown())
@@ -278,6 +305,8 @@ class LedgerServer:
         self._close()
 
     def _close(self) -> None:
+        if self._dashboard is not None:
+            self._dashboard.close()  # a no-op after stop() closed it
         self.metrics.close()
         if self._committer is not None:
             self._committer.close()  # answers everything queued

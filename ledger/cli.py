@@ -307,11 +307,27 @@ def policy_set(
     coverage_ratio: Annotated[
         str, typer.Option("--coverage-ratio", help="decimal in (0, 1]: profit the cut covers")
     ],
+    ranking: Annotated[
+        str,
+        typer.Option(
+            "--ranking",
+            help="what the cut ranks: position (the seed's rule) or account; left out, the "
+            "ranking in force stays",
+            show_default=False,
+        ),
+    ] = "",
     json: Json = False,
 ) -> None:
     """Set the policy in force for the next closes (a new version when it changes)."""
+    rankings = {"": pb.RANKING_UNSPECIFIED, "position": pb.RANKING_POSITION}
+    rankings["account"] = pb.RANKING_ACCOUNT
+    if ranking.lower() not in rankings:
+        _fail(None, f"--ranking {ranking!r} is not position or account")
     request = pb.SetPolicyRequest(
-        currency=code, insurance_share=insurance_share, coverage_ratio=coverage_ratio
+        currency=code,
+        insurance_share=insurance_share,
+        coverage_ratio=coverage_ratio,
+        ranking=rankings[ranking.lower()],
     )
     with _client(ctx) as client:
         reply = client.unary("Admin", "SetPolicy", request, pb.Policy)

@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ledger import money
+from ledger.alloc import Ranking
 from ledger.db import models
 from ledger.db.store import now_us
 from ledger.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -38,6 +39,7 @@ class PolicyView:
     insurance_share: str
     coverage_ratio: str
     version: int
+    ranking: Ranking = Ranking.POSITION
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,19 +112,38 @@ def current_policy(session: Session, currency: str) -> PolicyView:
         .order_by(models.Policy.version.desc())
         .limit(1)
     ).one()
-    return PolicyView(row.currency, row.insurance_share, row.coverage_ratio, row.version)
+    return _policy_view(row)
+
+
+def _policy_view(row: models.Policy) -> PolicyView:
+    return PolicyView(
+        row.currency, row.insurance_share, row.coverage_ratio, row.version, Ranking(row.ranking)
+    )
+
+
+RANKINGS = {0: "UNSPECIFIED", 1: "POSITION", 2: "ACCOUNT"}  # the contract's Ranking values
 
 
 def set_policy(
-    session: Session, currency: str, insurance_share: str, coverage_ratio: str
+    session: Session, currency: str, insurance_share: str, coverage_ratio: str, ranking: int = 0
 ) -> PolicyView:
-    """Record a new policy version; the same ratios again keep the version as it is."""
+    """Record a new policy version; the same ratios and ranking again keep the version as it
+    is. `ranking` 0 (RANKING_UNSPECIFIED) keeps the ranking in force."""
     share = money.ratio("insurance_share", insurance_share, zero_allowed=True)
     coverage = money.ratio("coverage_ratio", coverage_ratio, zero_allowed=False)
+    if isinstance(ranking, bool) or ranking not in RANKINGS:
+        raise InvalidArgument(
+            "ranking", ranking, "must be RANKING_POSITION (1), RANKING_ACCOUNT (2) or 0 to keep it"
+        )
     get_currency(session, currency)
     current = current_policy(session, currency)
     share_text, coverage_text = money.canonical(share), money.canonical(coverage)
-    if (share_text, coverage_text) == (current.insurance_share, current.coverage_ratio):
+    chosen = current.ranking if ranking == 0 else Ranking(ranking)
+    if (share_text, coverage_text, chosen) == (
+        current.insurance_share,
+        current.coverage_ratio,
+        current.ranking,
+    ):
         return current
     version = (
         session.scalar(
@@ -137,10 +158,11 @@ def set_policy(
             insurance_share=share_text,
             coverage_ratio=coverage_text,
             created_at_us=now_us(),
+            ranking=int(chosen),
         )
     )
     session.flush()
-    return PolicyView(currency, share_text, coverage_text, version)
+    return PolicyView(currency, share_text, coverage_text, version, chosen)
 
 
 def upsert_contract(
@@ -183,7 +205,7 @@ def list_policies(session: Session, currency: str) -> list[PolicyView]:
         .where(models.Policy.currency == currency)
         .order_by(models.Policy.version)
     )
-    return [PolicyView(r.currency, r.insurance_share, r.coverage_ratio, r.version) for r in rows]
+    return [_policy_view(r) for r in rows]
 
 
 def get_policy(session: Session, currency: str) -> PolicyView:

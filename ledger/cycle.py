@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ledger import journal, money
-from ledger.alloc import AllocationResult, CycleInputDecoder, allocations_digest
+from ledger.alloc import AllocationResult, CycleInputDecoder, Ranking, allocations_digest
 from ledger.currency import current_policy, get_currency
 from ledger.db import bulk, closes, models
 from ledger.db.batch import BatchStatements
@@ -71,6 +71,7 @@ class CycleSummary:
     insurance_share: str
     coverage_ratio: str
     closed_at_us: int  # 0 for a preview
+    ranking: Ranking = Ranking.POSITION
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +154,7 @@ def _basis(session: Session, key: CycleKey) -> Basis | CycleSummary:
         policy_version=policy.version,
         insurance_share=policy.insurance_share,
         coverage_ratio=policy.coverage_ratio,
+        ranking=policy.ranking,
     )
 
 
@@ -161,7 +163,9 @@ def _plan(
 ) -> tuple[ClosePlan, CycleSummary]:
     """The allocation (in Rust, with no lock held) and everything the close writes."""
     policy_share, policy_coverage = basis.insurance_share, basis.coverage_ratio
-    result = positions.allocate(basis.loss_total, basis.fund_balance, policy_share, policy_coverage)
+    result = positions.allocate(
+        basis.loss_total, basis.fund_balance, policy_share, policy_coverage, basis.ranking
+    )
     _check_fits(result)
     closed_at = now_us()
     transfers = []
@@ -197,6 +201,7 @@ def _plan(
         policy_share,
         policy_coverage,
         closed_at,
+        basis.ranking,
     )
     plan = ClosePlan(
         currency=key.currency,
@@ -225,7 +230,9 @@ def preview(
     fund_balance = account_balance(session, key.currency, INSURANCE_FUND)
     loss = cycle_loss_total(BatchStatements.of_session(session), key.currency, key.cycle_id)
     policy = current_policy(session, key.currency)
-    result = positions.allocate(loss, fund_balance, policy.insurance_share, policy.coverage_ratio)
+    result = positions.allocate(
+        loss, fund_balance, policy.insurance_share, policy.coverage_ratio, policy.ranking
+    )
     _check_fits(result)
     return _summary(
         key,
@@ -237,6 +244,7 @@ def preview(
         policy.insurance_share,
         policy.coverage_ratio,
         0,
+        policy.ranking,
     )
 
 
@@ -300,6 +308,7 @@ def _summary_of(row: models.Cycle) -> CycleSummary:
         insurance_share=row.insurance_share,
         coverage_ratio=row.coverage_ratio,
         closed_at_us=row.closed_at_us,
+        ranking=Ranking(row.ranking),
     )
 
 
@@ -330,6 +339,7 @@ def _summary(
     insurance_share: str,
     coverage_ratio: str,
     closed_at_us: int,
+    ranking: Ranking,
 ) -> CycleSummary:
     return CycleSummary(
         cycle_id=key.cycle_id,
@@ -353,6 +363,7 @@ def _summary(
         insurance_share=insurance_share,
         coverage_ratio=coverage_ratio,
         closed_at_us=closed_at_us,
+        ranking=ranking,
     )
 
 
@@ -360,6 +371,7 @@ def _cycle_row(summary: CycleSummary, policy_version: int) -> dict[str, object]:
     """The cycle row's columns but its id and allocation_first_entry_id (the store's)."""
     row = {name: getattr(summary, name) for name in CycleSummary.__slots__ if name != "state"}
     row["policy_version"] = policy_version
+    row["ranking"] = int(summary.ranking)
     return row
 
 

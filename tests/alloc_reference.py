@@ -91,3 +91,82 @@ def allocate_reference(
         uncovered=user_due - allocated_total,
         rows=rows,
     )
+
+
+def allocate_by_account_reference(
+    loss: int,
+    fund_balance: int,
+    insurance_share: str,
+    coverage_ratio: str,
+    positions: list[tuple[int, int, int]],
+) -> Reference:
+    """Issue 13's account ranking, written from its text: an account's profit is the sum of
+    its profitable positions' pnl; the accounts are ranked, cut, widened and charged as
+    positions are (remainder units by larger remainder, larger profit, smaller account id);
+    each account's charge is split over its profitable positions pro rata by pnl (remainder
+    units by larger remainder, larger pnl, smaller position id). The counts, the cut and the
+    participants' profit speak of accounts."""
+    q, c = Fraction(insurance_share), Fraction(coverage_ratio)
+    fund_share = math.floor(q * loss + Fraction(1, 2))
+    fund_paid = min(fund_share, fund_balance)
+    user_due = loss - fund_paid
+    profitable = [p for p in positions if p[2] > 0]
+    profit_total = sum(p[2] for p in profitable)
+    by_account: dict[int, list[tuple[int, int, int]]] = {}
+    for row in profitable:
+        by_account.setdefault(row[1], []).append(row)
+    account_profit = {a: sum(r[2] for r in rows) for a, rows in by_account.items()}
+    cutoff = 0
+    running = 0
+    for profit in sorted(account_profit.values(), reverse=True):
+        running += profit
+        if running >= c * profit_total:
+            cutoff = profit
+            break
+    participants = [a for a, p in account_profit.items() if p >= cutoff]
+    participant_profit = sum(account_profit[a] for a in participants)
+    widened = user_due > participant_profit and len(participants) < len(account_profit)
+    if widened:
+        participants, participant_profit = list(account_profit), profit_total
+    allocated_total = min(user_due, participant_profit)
+    charges: dict[int, int] = {}
+    remainders = []
+    for account in participants:
+        share = Fraction(allocated_total * account_profit[account], participant_profit)
+        charges[account] = math.floor(share)
+        remainders.append((share - math.floor(share), account_profit[account], -account))
+    leftover = allocated_total - sum(charges.values())
+    for _, _, negative in sorted(remainders, reverse=True)[:leftover]:
+        charges[-negative] += 1
+    amounts: dict[int, int] = {}
+    for account in participants:
+        rows = by_account[account]
+        charge, profit = charges[account], account_profit[account]
+        parts = []
+        for position_id, _, pnl in rows:
+            share = Fraction(charge * pnl, profit)
+            amounts[position_id] = math.floor(share)
+            parts.append((share - math.floor(share), pnl, -position_id))
+        missing = charge - sum(amounts[r[0]] for r in rows)
+        for _, _, negative_id in sorted(parts, reverse=True)[:missing]:
+            amounts[-negative_id] += 1
+    rows_out = sorted(
+        (position_id, account_id, pnl, amounts[position_id])
+        for position_id, account_id, pnl in profitable
+        if amounts.get(position_id, 0) > 0
+    )
+    return Reference(
+        fund_share=fund_share,
+        fund_paid=fund_paid,
+        user_due=user_due,
+        positions_total=len(positions),
+        profitable_count=len(account_profit),
+        profit_total=profit_total,
+        cutoff_pnl=cutoff,
+        participant_count=len(participants),
+        participant_profit=participant_profit,
+        widened=widened,
+        allocated_total=allocated_total,
+        uncovered=user_due - allocated_total,
+        rows=rows_out,
+    )

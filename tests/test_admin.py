@@ -217,7 +217,11 @@ def test_create_currency_creates_accounts_and_default_policy(
         pb.SetPolicyRequest(currency="USD", insurance_share="0.20", coverage_ratio="0.9")
     )
     assert policy == pb.Policy(
-        currency="USD", insurance_share="0.2", coverage_ratio="0.9", version=1
+        currency="USD",
+        insurance_share="0.2",
+        coverage_ratio="0.9",
+        version=1,
+        ranking=pb.RANKING_POSITION,
     )
     assert client.admin.SetPolicy(policy_request("0.3", "0.9")).version == 2
 
@@ -329,7 +333,11 @@ def test_set_policy_accepts(
     usd(shared.client, currency)
     got = shared.client.admin.SetPolicy(policy_request(share, coverage, currency))
     assert got == pb.Policy(
-        currency=currency, insurance_share=returned[0], coverage_ratio=returned[1], version=2
+        currency=currency,
+        insurance_share=returned[0],
+        coverage_ratio=returned[1],
+        version=2,
+        ranking=pb.RANKING_POSITION,
     )
     policies = snapshot(shared.database_url)["policies"]
     assert [p for p in policies if p[0] == currency] == [  # type: ignore[attr-defined]

@@ -145,7 +145,7 @@ def published(allocated: int, participant_profit: int, version: int = 1) -> dict
     return {
         "version": version,
         "allocation_rate": published_rate(allocated, participant_profit),
-        "ranking": pb.RANKING_UNSPECIFIED,  # account ranking is not served yet
+        "ranking": pb.RANKING_POSITION,  # the policy's default
     }
 
 
@@ -312,7 +312,7 @@ def test_worked_example_end_to_end(client: Client, database_url: str) -> None:
         "coverage_ratio": "0.9",
         "version": 1,
         "allocation_rate": "0.842105263158",  # 800 / 950
-        "ranking": pb.RANKING_UNSPECIFIED,
+        "ranking": pb.RANKING_POSITION,
     }
     assert published_rate(800, 950) == "0.842105263158"
     assert summary.HasField("closed_at")

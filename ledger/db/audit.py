@@ -68,7 +68,7 @@ def entries(db: BatchStatements, currency: str) -> Iterator[EntryRow]:
 
 def cycles(db: BatchStatements, currency: str) -> list[dict[str, Any]]:
     """The currency's closed cycles with every column the checks need, in chain order."""
-    names = ("id", "chain_seq", "hash", *CYCLE_HASHED_COLUMNS)
+    names = ("id", "chain_seq", "hash", *CYCLE_HASHED_COLUMNS, "ranking")
     rows = db.execute(
         f"SELECT {', '.join(names)} FROM cycles WHERE currency = ? ORDER BY chain_seq, id",
         (currency,),

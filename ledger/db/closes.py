@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from ledger.alloc import Ranking
 from ledger.db import bulk, models, store
 from ledger.db.batch import BatchStatements, Insert, Query
 from ledger.db.liquidations import cycle_loss_total
@@ -63,6 +64,7 @@ class Basis:
     policy_version: int
     insurance_share: str
     coverage_ratio: str
+    ranking: Ranking = Ranking.POSITION
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,8 +248,12 @@ CYCLE_HASHED_COLUMNS = (
 
 
 def cycle_fields(row: dict[str, Any]) -> list[object]:
-    """A cycle row's hashed fields (widened as a bool: SQLite stores it as 0 or 1)."""
-    return [bool(row[n]) if n == "widened" else row[n] for n in CYCLE_HASHED_COLUMNS]
+    """A cycle row's hashed fields (widened as a bool: SQLite stores it as 0 or 1), then its
+    ranking unless it ranked positions: the links written before rankings existed stay
+    valid, and a ranking changed either way changes the link."""
+    fields = [bool(row[n]) if n == "widened" else row[n] for n in CYCLE_HASHED_COLUMNS]
+    ranking = int(row.get("ranking", Ranking.POSITION))
+    return fields if ranking == Ranking.POSITION else [*fields, ranking]
 
 
 def _check_active(is_active: IsActive, plan: ClosePlan) -> None:

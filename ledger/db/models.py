@@ -77,6 +77,8 @@ class Policy(Base):
     insurance_share: Mapped[str] = mapped_column(String(40))
     coverage_ratio: Mapped[str] = mapped_column(String(40))
     created_at_us: Mapped[int] = mapped_column(BigInteger)
+    # What the cut ranks: the contract's Ranking (1 positions, the seed's rule; 2 accounts).
+    ranking: Mapped[int] = mapped_column(SmallInteger, server_default="1")
 
 
 class Contract(Base):
@@ -209,6 +211,7 @@ class Cycle(Base):
     insurance_share: Mapped[str] = mapped_column(String(40))
     coverage_ratio: Mapped[str] = mapped_column(String(40))
     policy_version: Mapped[int] = mapped_column(Integer)
+    ranking: Mapped[int] = mapped_column(SmallInteger, server_default="1")
     allocation_first_entry_id: Mapped[int] = mapped_column(BigInteger)
     closed_at_us: Mapped[int] = mapped_column(BigInteger)
     # The digest of its allocation rows (alloc.allocations_digest), and its chain link.

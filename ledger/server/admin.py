@@ -41,7 +41,11 @@ class AdminService(pb_grpc.AdminServicer):
     def SetPolicy(self, request: pb.SetPolicyRequest, context: grpc.ServicerContext) -> pb.Policy:
         with self._db.write() as session:
             view = currency.set_policy(
-                session, request.currency, request.insurance_share, request.coverage_ratio
+                session,
+                request.currency,
+                request.insurance_share,
+                request.coverage_ratio,
+                request.ranking,
             )
         return convert.policy(view)
 

@@ -29,6 +29,7 @@ def policy(view: PolicyView) -> pb.Policy:
         insurance_share=view.insurance_share,
         coverage_ratio=view.coverage_ratio,
         version=view.version,
+        ranking=int(view.ranking),  # type: ignore[arg-type]
     )
 
 
@@ -89,6 +90,7 @@ def cycle_summary(view: CycleSummary) -> pb.CycleSummary:
         coverage_ratio=view.coverage_ratio,
         version=1 if view.state == CycleState.CLOSED else 0,
         allocation_rate=money.rate(view.allocated_total, view.participant_profit),
+        ranking=int(view.ranking),  # type: ignore[arg-type]
     )
     if view.closed_at_us:
         message.closed_at.CopyFrom(timestamp(view.closed_at_us))

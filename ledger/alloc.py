@@ -209,6 +209,12 @@ class CycleInputDecoder:
         ``DuplicatePositionError`` on a repeated id."""
         return self._native.input_digest()
 
+    def columns(
+        self,
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+        """Copies of the columns as received: position_id, account_id, pnl."""
+        return self._native.columns()
+
     def allocate(
         self,
         loss: int,

@@ -66,6 +66,17 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def scrape_when(port: int, name: str, want: float, **labels: str) -> Samples:
+    """A scrape once `name{labels}` reads `want`, within a few seconds: a call is counted as
+    its handler ends, which may be just after its client has the reply."""
+    deadline = time.monotonic() + 5
+    while True:
+        samples = scrape(port)
+        if value(samples, name, **labels) == want or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.02)
+
+
 def test_calls_are_counted_by_method_and_code(observed: tuple[LedgerServer, Client]) -> None:
     server, client = observed
     market(client)  # 2 CreateCurrency, 2 UpsertContract
@@ -75,8 +86,8 @@ def test_calls_are_counted_by_method_and_code(observed: tuple[LedgerServer, Clie
         client.query.GetFund(pb.GetFundRequest(currency="NOPE"))
     with pytest.raises(grpc.RpcError):
         client.query.GetFund(pb.GetFundRequest(currency="bad"))
-    samples = scrape(server.metrics_port)
     query = {"grpc_type": "unary", "grpc_service": "insurance.v1.Query", "grpc_method": "GetFund"}
+    samples = scrape_when(server.metrics_port, "grpc_server_handling_seconds_count", 5, **query)
     assert value(samples, "grpc_server_started_total", **query) == 5
     assert value(samples, "grpc_server_handled_total", **query, grpc_code="OK") == 3
     assert value(samples, "grpc_server_handled_total", **query, grpc_code="NOT_FOUND") == 1
@@ -117,7 +128,7 @@ def test_ledger_metrics_follow_the_ledger(observed: tuple[LedgerServer, Client])
     summary = cs.close(
         client.channel, "c1", JPY, Positions(ids, ids % np.uint64(17), (ids * 3).astype(np.int64))
     )
-    samples = scrape(server.metrics_port)
+    samples = scrape_when(server.metrics_port, "ledger_cycle_positions", 2_000, currency=JPY)
     for code in (JPY, KRW):
         fund = client.query.GetFund(pb.GetFundRequest(currency=code)).balance
         assert value(samples, "ledger_insurance_fund_balance", currency=code) == fund

@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -268,3 +269,18 @@ class CloseAttempt(Base):
     currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"))
     cycle_id: Mapped[str] = mapped_column(String(128))
     started_at_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class CycleInputPart(Base):
+    """A closed cycle's input, kept for the statements of its positions (ExplainAllocation):
+    up to 2^20 positions a part, the part's position_id, account_id and pnl columns (8 bytes
+    each, little-endian) one after the other, lz4-compressed. Written after the close has
+    committed, a part a transaction; the input is whole when `parts` rows are there."""
+
+    __tablename__ = "cycle_input_parts"
+
+    cycle_pk: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    part: Mapped[int] = mapped_column(Integer, primary_key=True)
+    parts: Mapped[int] = mapped_column(Integer)
+    rows: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -11,6 +11,7 @@ from ledger.cycle import CycleState, CycleSummary, OpenCycle
 from ledger.db.store import StoredEntry
 from ledger.fund import FundView
 from ledger.liquidation import LiquidationRecord
+from ledger.statement import Explanation
 
 
 def timestamp(micros: int) -> Timestamp:
@@ -133,4 +134,22 @@ def open_cycle(view: OpenCycle) -> pb.OpenCycle:
         liquidations_count=view.liquidations_count,
         first_recorded_at=timestamp(view.first_recorded_at_us),
         last_recorded_at=timestamp(view.last_recorded_at_us),
+    )
+
+
+def explanation(view: Explanation) -> pb.AllocationExplanation:
+    return pb.AllocationExplanation(
+        position_id=view.position_id,
+        account_id=view.account_id,
+        pnl=view.pnl,
+        rank=view.rank,
+        profitable_count=view.profitable_count,
+        cutoff_pnl=view.cutoff_pnl,
+        participant=view.participant,
+        participant_profit=view.participant_profit,
+        allocated_total=view.allocated_total,
+        share_numerator=str(view.share_numerator),
+        share_denominator=str(view.share_denominator),
+        amount=view.amount,
+        remainder_unit=view.remainder_unit,
     )

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from ledger import cycle
+from ledger import cycle, statement
 from ledger.alloc import CycleInputDecoder, PositionLimitError
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.db import closes
@@ -49,6 +49,7 @@ class CycleService:
         with self._stream():
             key, positions, digest = self._receive(messages)
             summary = cycle.close(self._db, key, positions, digest, context.is_active)
+            statement.keep(self._db, key, positions.columns())
         if self._on_close is not None:
             self._on_close(
                 key.currency,

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from ledger import currency, cycle, entries, fund, liquidation, verify
+from ledger import currency, cycle, entries, fund, liquidation, statement, verify
 from ledger.alloc import encode_allocation_columns
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
@@ -112,6 +112,15 @@ class QueryService(pb_grpc.QueryServicer):
     ) -> pb.Liquidation:
         with self._db.read() as session:
             return convert.liquidation_record(liquidation.get(session, request.liquidation_id))
+
+    def ExplainAllocation(
+        self, request: pb.ExplainAllocationRequest, context: grpc.ServicerContext
+    ) -> pb.AllocationExplanation:
+        with self._db.read() as session:
+            view = statement.explain(
+                session, request.cycle_id, request.currency, request.position_id
+            )
+        return convert.explanation(view)
 
     def ListOpenCycles(
         self, request: pb.ListOpenCyclesRequest, context: grpc.ServicerContext

@@ -172,6 +172,25 @@ impl CycleInputDecoder {
             .map_err(decode_to_py)
     }
 
+    /// Copies of the three columns as received (position_id, account_id, pnl): what a
+    /// close keeps of its input for the statements of its positions.
+    fn columns<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let positions = self.columns.positions();
+        let (ids, accounts, pnls) = py.detach(|| {
+            (
+                positions.position_id.to_vec(),
+                positions.account_id.to_vec(),
+                positions.pnl.to_vec(),
+            )
+        });
+        (
+            ids.into_pyarray(py),
+            accounts.into_pyarray(py),
+            pnls.into_pyarray(py),
+        )
+            .into_pyobject(py)
+    }
+
     #[pyo3(signature = (loss, fund_balance, insurance_share, coverage_ratio, ranking = 1))]
     fn allocate<'py>(
         &self,

@@ -1,0 +1,257 @@
+"""Per-position statements (ExplainAllocation): why a position was charged what it was.
+
+A close keeps its input columns beside the cycle (`keep`, after the close has committed, so
+that the close itself writes no more than before): the statement of a position the cycle
+never saw is NOT_FOUND, and the rank of one it did counts every profitable position (or
+account) above it, which the allocation rows alone cannot tell. Every number is exact: the
+share is a reduced fraction of Python ints, the account profits int64 sums (an account's
+profit beyond int64 was refused at the close).
+
+A close that crashed after committing and before keeping its input leaves the statement
+FAILED_PRECONDITION until the same close is sent again (a repeat keeps what is missing).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+from sqlalchemy import Engine, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from ledger import cycle
+from ledger.alloc import Ranking
+from ledger.currency import get_currency
+from ledger.db import models, u64
+from ledger.db.session import Database
+from ledger.errors import FailedPrecondition, InvalidArgument, NotFound
+
+PART_ROWS = 1 << 20  # positions a part: 24 MiB before compression
+CODEC = "lz4"
+CACHED_CYCLES = 2  # inputs kept in memory: a statement run asks for many positions of one
+
+Columns = tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.int64]]
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    position_id: int
+    account_id: int
+    pnl: int
+    rank: int
+    profitable_count: int
+    cutoff_pnl: int
+    participant: bool
+    participant_profit: int
+    allocated_total: int
+    share_numerator: int
+    share_denominator: int
+    amount: int
+    remainder_unit: bool
+
+
+def keep(database: Database, key: cycle.CycleKey, columns: Columns) -> None:
+    """Keep a closed cycle's input, unless it is kept whole already (a repeated close).
+
+    The parts are cut from the positions in position_id order, so every close of the cycle
+    (its input digest is the same, whatever order the positions came in) writes the same
+    parts, and concurrent or repeated keeps only add the parts still missing."""
+    with database.read() as session:
+        pk = _cycle_pk(session, key)
+        if pk is None or _is_whole(session, pk):
+            return
+    ids, accounts, pnl = columns
+    if len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+        order = np.argsort(ids, kind="stable")
+        ids, accounts, pnl = ids[order], accounts[order], pnl[order]
+    parts = max(1, -(-len(ids) // PART_ROWS))
+    for part in range(parts):
+        rows = slice(part * PART_ROWS, (part + 1) * PART_ROWS)
+        raw = b"".join(np.ascontiguousarray(c[rows]).tobytes() for c in (ids, accounts, pnl))
+        values = {
+            "cycle_pk": pk,
+            "part": part,
+            "parts": parts,
+            "rows": len(ids[rows]),
+            "data": pa.compress(raw, codec=CODEC, asbytes=True),
+        }
+        with database.write() as session:
+            insert = postgresql_insert if database.backend == "postgresql" else sqlite_insert
+            session.execute(insert(models.CycleInputPart).values(**values).on_conflict_do_nothing())
+
+
+def _cycle_pk(session: Session, key: cycle.CycleKey) -> int | None:
+    return session.scalar(
+        select(models.Cycle.id).where(
+            models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id
+        )
+    )
+
+
+def _is_whole(session: Session, pk: int) -> bool:
+    count, parts = session.execute(
+        select(func.count(), func.max(models.CycleInputPart.parts)).where(
+            models.CycleInputPart.cycle_pk == pk
+        )
+    ).one()
+    return bool(count) and count == parts
+
+
+class _Inputs:
+    """The last few cycles' inputs in memory, read once per cycle (they never change)."""
+
+    def __init__(self) -> None:
+        self._cached: OrderedDict[tuple[str, int, str], Columns] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session: Session, row: models.Cycle, name: str) -> Columns:
+        # The database's address and the close's digest with the key: one process may serve
+        # (or test) several databases, whose cycle keys repeat.
+        bind = session.get_bind()
+        engine = bind if isinstance(bind, Engine) else bind.engine
+        key = (str(engine.url), row.id, row.input_digest)
+        with self._lock:
+            if key in self._cached:
+                self._cached.move_to_end(key)
+                return self._cached[key]
+        columns = _read(session, row.id, name)
+        with self._lock:
+            self._cached[key] = columns
+            while len(self._cached) > CACHED_CYCLES:
+                self._cached.popitem(last=False)
+        return columns
+
+
+_INPUTS = _Inputs()
+
+
+def _read(session: Session, pk: int, name: str) -> Columns:
+    stored = session.execute(
+        select(
+            models.CycleInputPart.part,
+            models.CycleInputPart.parts,
+            models.CycleInputPart.rows,
+            models.CycleInputPart.data,
+        )
+        .where(models.CycleInputPart.cycle_pk == pk)
+        .order_by(models.CycleInputPart.part)
+    ).all()
+    if not stored or len(stored) != stored[0].parts:
+        raise FailedPrecondition(
+            f"{name}: its positions were not kept (closed before statements existed, or the "
+            "server stopped right after the close); send the same close again to keep them",
+            type="CYCLE_INPUT_NOT_KEPT",
+            subject=name,
+        )
+    ids, accounts, pnls = [], [], []
+    for part in stored:
+        raw = pa.decompress(part.data, part.rows * 24, codec=CODEC, asbytes=True)
+        view = np.frombuffer(raw, dtype="<u8").reshape(3, part.rows)
+        ids.append(view[0])
+        accounts.append(view[1])
+        pnls.append(view[2].view("<i8"))
+    return (
+        np.concatenate(ids).astype(np.uint64, copy=False),
+        np.concatenate(accounts).astype(np.uint64, copy=False),
+        np.concatenate(pnls).astype(np.int64, copy=False),
+    )
+
+
+def explain(session: Session, cycle_id: str, currency: str, position_id: int) -> Explanation:
+    """The statement of one position of a closed cycle."""
+    key = cycle.check_header(cycle_id, currency)
+    if position_id < 0 or position_id >= 2**64:
+        raise InvalidArgument("position_id", position_id, "must be a uint64")
+    get_currency(session, key.currency)
+    row = session.scalars(
+        select(models.Cycle).where(
+            models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id
+        )
+    ).one_or_none()
+    name = f"cycle {key.cycle_id!r} of {key.currency}"
+    if row is None:
+        raise NotFound(f"{name} has not been closed")
+    ids, accounts, pnls = _INPUTS.get(session, row, name)
+    at = int(np.searchsorted(ids, np.uint64(position_id)))  # the parts are in id order
+    if at == len(ids) or int(ids[at]) != position_id:
+        raise NotFound(f"position {position_id} was not among the positions of {name}")
+    account, pnl = int(accounts[at]), int(pnls[at])
+    amount = _amount(session, row.id, account, position_id)
+    profitable = pnls > 0
+    if Ranking(row.ranking) == Ranking.ACCOUNT:
+        profits = _account_profits(accounts[profitable], pnls[profitable])
+        mine = int(pnls[profitable & (accounts == np.uint64(account))].sum(dtype=np.int64))
+        rank = 1 + int(np.count_nonzero(profits > mine))
+        standing = mine
+    else:
+        rank = 1 + int(np.count_nonzero(profitable & (pnls > pnl)))
+        standing = pnl
+    floor_pnl = 1 if row.widened else max(row.cutoff_pnl, 1)
+    participant = row.participant_count > 0 and standing >= floor_pnl and pnl > 0
+    share = (
+        Fraction(row.allocated_total * pnl, row.participant_profit)
+        if participant and row.participant_profit
+        else Fraction(0)
+    )
+    if Ranking(row.ranking) == Ranking.ACCOUNT and participant:
+        # The unit step that gave this position one more is the split of its account's
+        # charge over its profitable positions.
+        charge = _account_charge(session, row.id, account)
+        base = charge * pnl // standing
+    else:
+        base = share.numerator // share.denominator
+    return Explanation(
+        position_id=position_id,
+        account_id=account,
+        pnl=pnl,
+        rank=rank,
+        profitable_count=row.profitable_count,
+        cutoff_pnl=row.cutoff_pnl,
+        participant=participant,
+        participant_profit=row.participant_profit,
+        allocated_total=row.allocated_total,
+        share_numerator=share.numerator,
+        share_denominator=share.denominator,
+        amount=amount,
+        remainder_unit=participant and amount == base + 1,
+    )
+
+
+def _account_profits(
+    accounts: npt.NDArray[np.uint64], pnls: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Each profitable account's profit (the sum of its profitable positions' pnl)."""
+    if not len(accounts):
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(accounts, kind="stable")
+    sorted_accounts = accounts[order]
+    starts = np.flatnonzero(np.r_[True, sorted_accounts[1:] != sorted_accounts[:-1]])
+    return np.add.reduceat(pnls[order], starts).astype(np.int64, copy=False)
+
+
+def _amount(session: Session, pk: int, account: int, position_id: int) -> int:
+    value = session.scalar(
+        select(models.Allocation.amount).where(
+            models.Allocation.cycle_pk == pk,
+            models.Allocation.account_id == u64.to_signed(account),
+            models.Allocation.position_id == u64.to_signed(position_id),
+        )
+    )
+    return int(value or 0)
+
+
+def _account_charge(session: Session, pk: int, account: int) -> int:
+    value = session.scalar(
+        select(func.coalesce(func.sum(models.Allocation.amount), 0)).where(
+            models.Allocation.cycle_pk == pk,
+            models.Allocation.account_id == u64.to_signed(account),
+        )
+    )
+    return int(value or 0)

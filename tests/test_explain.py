@@ -1,0 +1,216 @@
+"""ExplainAllocation (issue 13, item 4) through a real server on both backends.
+
+Every position of random closed cycles is explained and checked against numbers computed
+here from the cycle's input and the Fraction references (tests/alloc_reference.py): its rank
+(1 + the profitable positions, or accounts, with a larger pnl or profit), whether it
+participates, its exact share as a reduced fraction, its amount (equal to the stored
+allocation as StreamAllocations gives it) and whether the largest-remainder step gave it a
+unit. The worked example by hand; then the refusals (NOT_FOUND for a cycle not closed or a
+position it never saw, INVALID_ARGUMENT naming the field) and a cycle whose kept input was
+removed behind the server's back (FAILED_PRECONDITION, until the same close is sent again).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from fractions import Fraction
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, text
+
+from ledger.api.v1 import insurance_pb2 as pb
+from tests import cycle_streams as cs
+from tests import test_cycle as tc
+from tests.alloc_reference import Reference, allocate_by_account_reference, allocate_reference
+from tests.conftest import Client
+
+Row = tuple[int, int, int]
+
+
+def explain(client: Client, cycle_id: str, position_id: int) -> pb.AllocationExplanation:
+    return client.query.ExplainAllocation(
+        pb.ExplainAllocationRequest(cycle_id=cycle_id, currency=tc.JPY, position_id=position_id)
+    )
+
+
+def expected(rows: list[Row], ref: Reference, position: Row, *, by_account: bool) -> dict:
+    """The statement of `position`, from the input and the reference alone."""
+    position_id, account_id, pnl = position
+    profitable = [r for r in rows if r[2] > 0]
+    if by_account:
+        profits: dict[int, int] = {}
+        for _, account, value in profitable:
+            profits[account] = profits.get(account, 0) + value
+        standing = profits.get(account_id, 0)
+        rank = 1 + sum(1 for p in profits.values() if p > standing)
+    else:
+        standing = pnl
+        rank = 1 + sum(1 for r in profitable if r[2] > pnl)
+    low = 1 if ref.widened else max(ref.cutoff_pnl, 1)
+    participant = ref.participant_count > 0 and pnl > 0 and standing >= low
+    share = (
+        Fraction(ref.allocated_total * pnl, ref.participant_profit) if participant else Fraction(0)
+    )
+    amounts = {r[0]: r[3] for r in ref.rows}
+    amount = amounts.get(position_id, 0)
+    if by_account and participant:
+        charge = sum(a for _, acc, _, a in ref.rows if acc == account_id)
+        base = charge * pnl // standing
+    else:
+        base = math.floor(share)
+    return {
+        "position_id": position_id,
+        "account_id": account_id,
+        "pnl": pnl,
+        "rank": rank,
+        "profitable_count": ref.profitable_count,
+        "cutoff_pnl": ref.cutoff_pnl,
+        "participant": participant,
+        "participant_profit": ref.participant_profit,
+        "allocated_total": ref.allocated_total,
+        "share_numerator": str(share.numerator),
+        "share_denominator": str(share.denominator),
+        "amount": amount,
+        "remainder_unit": participant and amount == base + 1,
+    }
+
+
+def as_dict(message: pb.AllocationExplanation) -> dict:
+    return {f.name: getattr(message, f.name) for f in pb.AllocationExplanation.DESCRIPTOR.fields}
+
+
+def test_the_worked_example(client: Client) -> None:
+    tc.market(client)
+    tc.deposit(client, "d1", 10_000)
+    tc.liquidate(client, "L1", "c1", -1_000)
+    rows = [(1, 1001, 500), (2, 1002, 300), (3, 1003, 150), (4, 1004, 50), (5, 1005, -80)]
+    cs.close(client.channel, "c1", tc.JPY, cs.Positions.of(rows))
+    two = explain(client, "c1", 2)
+    assert (two.rank, two.participant, two.amount, two.remainder_unit) == (2, True, 253, True)
+    assert (two.share_numerator, two.share_denominator) == ("4800", "19")  # 800 × 300 / 950
+    assert (two.profitable_count, two.cutoff_pnl, two.participant_profit) == (4, 150, 950)
+    assert two.allocated_total == 800 and two.account_id == 1002 and two.pnl == 300
+    one = explain(client, "c1", 1)
+    assert (one.rank, one.amount, one.remainder_unit) == (1, 421, False)
+    assert (one.share_numerator, one.share_denominator) == ("8000", "19")
+    four = explain(client, "c1", 4)
+    assert (four.rank, four.participant, four.amount) == (4, False, 0)
+    assert (four.share_numerator, four.share_denominator) == ("0", "1")
+    five = explain(client, "c1", 5)
+    assert (five.rank, five.participant, five.amount, five.pnl) == (5, False, 0, -80)
+
+
+@pytest.mark.parametrize("by_account", [False, True], ids=["positions", "accounts"])
+def test_every_position_of_random_cycles(client: Client, by_account: bool) -> None:
+    tc.market(client)
+    tc.deposit(client, "d1", 1_000)
+    if by_account:
+        client.admin.SetPolicy(
+            pb.SetPolicyRequest(
+                currency=tc.JPY,
+                insurance_share="0.2",
+                coverage_ratio="0.9",
+                ranking=pb.RANKING_ACCOUNT,
+            )
+        )
+    rng = random.Random(41 + by_account)
+    fund = 1_000
+    for number in range(3):
+        cycle_id = f"c{number}"
+        loss = rng.choice([5_000, 40_000, 10**6])
+        tc.liquidate(client, f"L{number}", cycle_id, -loss)
+        count = rng.randint(50, 250)
+        rows = [
+            (rng.getrandbits(64), rng.randint(1, 25), rng.choice([rng.randint(-900, 900), 77]))
+            for _ in range(count)
+        ]
+        rows = list({r[0]: r for r in rows}.values())
+        summary = cs.close(client.channel, cycle_id, tc.JPY, cs.Positions.of(rows).shuffled(3))
+        reference_of = allocate_by_account_reference if by_account else allocate_reference
+        ref = reference_of(loss, fund, "0.2", "0.9", rows)
+        assert summary.allocated_total == ref.allocated_total
+        stored = {r[0]: r[3] for r in cs.stream_allocations(client.query, cycle_id, tc.JPY).rows}
+        for position in rows:
+            got = as_dict(explain(client, cycle_id, position[0]))
+            assert got == expected(rows, ref, position, by_account=by_account), position
+            assert got["amount"] == stored.get(position[0], 0)
+        fund -= summary.fund_paid
+
+
+def test_refusals_name_what_is_wrong(client: Client) -> None:
+    tc.market(client)
+    tc.liquidate(client, "L1", "c1", -100)
+    cs.close(client.channel, "c1", tc.JPY, cs.Positions.of([(7, 1, 500)]))
+    cases = [
+        ("c1", tc.JPY, 8, grpc.StatusCode.NOT_FOUND, "position 8"),
+        ("c2", tc.JPY, 7, grpc.StatusCode.NOT_FOUND, "'c2'"),
+        ("c1", "usd", 7, grpc.StatusCode.INVALID_ARGUMENT, "currency"),
+        ("", tc.JPY, 7, grpc.StatusCode.INVALID_ARGUMENT, "cycle_id"),
+        ("c1", "EUR", 7, grpc.StatusCode.NOT_FOUND, "EUR"),
+    ]
+    for cycle_id, currency, position_id, code, named in cases:
+        with pytest.raises(grpc.RpcError) as error:
+            client.query.ExplainAllocation(
+                pb.ExplainAllocationRequest(
+                    cycle_id=cycle_id, currency=currency, position_id=position_id
+                )
+            )
+        assert error.value.code() == code, (cycle_id, currency, position_id)
+        assert named in error.value.details(), error.value.details()
+    assert explain(client, "c1", 7).amount == 100  # an empty fund: the users pay it all
+
+
+def test_a_removed_input_is_kept_again_by_the_same_close(client: Client, database_url: str) -> None:
+    tc.market(client)
+    tc.liquidate(client, "L1", "c1", -100)
+    positions = cs.Positions.of([(7, 1, 500), (8, 2, 100)])
+    first = cs.close(client.channel, "c1", tc.JPY, positions)
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM cycle_input_parts"))
+    finally:
+        engine.dispose()
+    with pytest.raises(grpc.RpcError) as error:
+        explain(client, "c1", 9)  # not cached: this cycle's input was never read
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "send the same close again" in error.value.details()
+    again = cs.close(client.channel, "c1", tc.JPY, positions)
+    assert again == first
+    assert explain(client, "c1", 8).rank == 2
+
+
+def test_an_input_in_many_parts(
+    client: Client, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts of 1,000 positions (the server runs in this process): cut in position_id order
+    from a shuffled stream, read back whole; a second, differently shuffled close of the same
+    input adds nothing."""
+    from ledger import statement
+
+    monkeypatch.setattr(statement, "PART_ROWS", 1_000)
+    tc.market(client)
+    tc.liquidate(client, "L1", "c1", -50_000)
+    rng = random.Random(5)
+    rows = [(k * 3 + 1, rng.randint(1, 99), rng.randint(-400, 400)) for k in range(5_500)]
+    positions = cs.Positions.of(rows)
+    cs.close(client.channel, "c1", tc.JPY, positions.shuffled(1))
+    cs.close(client.channel, "c1", tc.JPY, positions.shuffled(2))
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            parts = connection.execute(
+                text("SELECT part, parts, rows FROM cycle_input_parts ORDER BY part")
+            ).all()
+    finally:
+        engine.dispose()
+    assert [tuple(p) for p in parts] == [(k, 6, 1_000) for k in range(5)] + [(5, 6, 500)]
+    ref = allocate_reference(50_000, 0, "0.2", "0.9", rows)
+    for position in [rows[0], rows[999], rows[1_000], rows[2_718], rows[-1]]:
+        got = as_dict(explain(client, "c1", position[0]))
+        assert got == expected(rows, ref, position, by_account=False), position
+    with pytest.raises(grpc.RpcError) as error:
+        explain(client, "c1", 2)  # between two ids of the input
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND

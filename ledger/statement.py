@@ -13,8 +13,10 @@ FAILED_PRECONDITION until the same close is sent again (a repeat keeps what is m
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -36,6 +38,9 @@ from ledger.errors import FailedPrecondition, InvalidArgument, NotFound
 PART_ROWS = 1 << 20  # positions a part: 24 MiB before compression
 CODEC = "lz4"
 CACHED_CYCLES = 2  # inputs kept in memory: a statement run asks for many positions of one
+KEEP_WAIT_SECONDS = 300  # a statement waits this long for its cycle's input being kept
+
+log = logging.getLogger(__name__)
 
 Columns = tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.int64]]
 
@@ -85,6 +90,47 @@ def keep(database: Database, key: cycle.CycleKey, columns: Columns) -> None:
         with database.write() as session:
             insert = postgresql_insert if database.backend == "postgresql" else sqlite_insert
             session.execute(insert(models.CycleInputPart).values(**values).on_conflict_do_nothing())
+
+
+class Keeper:
+    """Keeps closed cycles' inputs on a thread of its own, after the close has replied, so
+    that keeping them adds nothing to a close's time. A statement asked of this process for
+    a cycle whose input is still being kept waits for it (`wait`); `close` finishes every
+    keep queued (a server stopping gracefully keeps what it closed)."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ledger-cycle-input")
+        self._pending: dict[tuple[str, str], Future[None]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, key: cycle.CycleKey, columns: Columns) -> None:
+        name = (key.currency, key.cycle_id)
+        future = self._executor.submit(self._keep, key, columns)
+        with self._lock:
+            self._pending[name] = future
+
+        def done(finished: Future[None]) -> None:
+            with self._lock:
+                if self._pending.get(name) is finished:
+                    del self._pending[name]
+
+        future.add_done_callback(done)
+
+    def _keep(self, key: cycle.CycleKey, columns: Columns) -> None:
+        try:
+            keep(self._database, key, columns)
+        except Exception:  # the statement says so (FAILED_PRECONDITION); a repeat retries
+            log.exception("keeping the input of cycle %r of %s failed", key.cycle_id, key.currency)
+
+    def wait(self, currency: str, cycle_id: str) -> None:
+        with self._lock:
+            future = self._pending.get((currency, cycle_id))
+        if future is not None:
+            future.result(timeout=KEEP_WAIT_SECONDS)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
 
 
 def _cycle_pk(session: Session, key: cycle.CycleKey) -> int | None:
@@ -145,8 +191,9 @@ def _read(session: Session, pk: int, name: str) -> Columns:
     ).all()
     if not stored or len(stored) != stored[0].parts:
         raise FailedPrecondition(
-            f"{name}: its positions were not kept (closed before statements existed, or the "
-            "server stopped right after the close); send the same close again to keep them",
+            f"{name}: its positions are not kept (closed before statements existed, or the "
+            "server stopped right after the close; or another server process is still "
+            "writing them: retry shortly); send the same close again to keep them",
             type="CYCLE_INPUT_NOT_KEPT",
             subject=name,
         )

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from ledger import currency, fund
+from ledger import currency, fund, statement
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.db.migrate import upgrade
 from ledger.db.session import (
@@ -171,6 +171,7 @@ class LedgerServer:
         self._dashboard: Dashboard | None = None
         self.http_port = 0
         self._health_watch: DatabaseHealth | None = None
+        self._keeper = statement.Keeper(self.database)
         try:
             self._writer = WriterProcess(
                 WriterSettings(
@@ -193,6 +194,7 @@ class LedgerServer:
                 settings.cycle_positions_max,
                 settings.streams_max,
                 on_close=self.metrics.cycle_closed,
+                keeper=self._keeper,
             )
             self._cycles.recover()
             self._health, self._server, self.port = self._on_loop(
@@ -220,7 +222,7 @@ class LedgerServer:
         admin = AdminService(self.database)
         clearing = ClearingService(committer)
         cycles = self._cycles
-        query = QueryService(self.database)
+        query = QueryService(self.database, self._keeper)
         server.add_generic_rpc_handlers(
             (
                 service_handler("Admin", admin),
@@ -315,6 +317,7 @@ class LedgerServer:
         if self._checkpointer is not None:
             self._checkpointer.close()
         self._pool.shutdown(wait=True)  # blocking handlers still running finish first
+        self._keeper.close()  # the inputs of the closes it answered
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join()
         self._loop.close()

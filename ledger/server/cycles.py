@@ -32,8 +32,10 @@ class CycleService:
         positions_max: int,
         streams_max: int,
         on_close: CloseReport | None = None,
+        keeper: statement.Keeper | None = None,
     ) -> None:
         self._db = database
+        self._keeper = keeper
         self._positions_max = positions_max
         self._streams_max = streams_max
         self._on_close = on_close
@@ -49,7 +51,10 @@ class CycleService:
         with self._stream():
             key, positions, digest = self._receive(messages)
             summary = cycle.close(self._db, key, positions, digest, context.is_active)
-            statement.keep(self._db, key, positions.columns())
+            if self._keeper is not None:  # after the reply, on the keeper's thread
+                self._keeper.submit(key, positions.columns())
+            else:
+                statement.keep(self._db, key, positions.columns())
         if self._on_close is not None:
             self._on_close(
                 key.currency,

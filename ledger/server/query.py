@@ -16,8 +16,9 @@ from ledger.server import convert
 
 
 class QueryService(pb_grpc.QueryServicer):
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, keeper: statement.Keeper | None = None) -> None:
         self._db = database
+        self._keeper = keeper
 
     def GetFund(self, request: pb.GetFundRequest, context: grpc.ServicerContext) -> pb.Fund:
         with self._db.read() as session:
@@ -116,6 +117,8 @@ class QueryService(pb_grpc.QueryServicer):
     def ExplainAllocation(
         self, request: pb.ExplainAllocationRequest, context: grpc.ServicerContext
     ) -> pb.AllocationExplanation:
+        if self._keeper is not None:
+            self._keeper.wait(request.currency, request.cycle_id)
         with self._db.read() as session:
             view = statement.explain(
                 session, request.cycle_id, request.currency, request.position_id

@@ -61,15 +61,7 @@ def allocate_reference(
     # Rule 5.
     allocated_total = min(user_due, participant_profit)
     # Rule 6: floors, then one unit each by largest remainder, larger pnl, smaller id.
-    amounts: dict[int, int] = {}
-    remainders = []
-    for position_id, _, pnl in participants:
-        share = Fraction(allocated_total * pnl, participant_profit)
-        amounts[position_id] = math.floor(share)
-        remainders.append((share - math.floor(share), pnl, -position_id))
-    leftover = allocated_total - sum(amounts.values())
-    for _, _, negative_id in sorted(remainders, reverse=True)[:leftover]:
-        amounts[-negative_id] += 1
+    amounts = split(allocated_total, [(p[0], p[2]) for p in participants])
     # Rule 7.
     rows = sorted(
         (position_id, account_id, pnl, amounts[position_id])
@@ -129,27 +121,10 @@ def allocate_by_account_reference(
     if widened:
         participants, participant_profit = list(account_profit), profit_total
     allocated_total = min(user_due, participant_profit)
-    charges: dict[int, int] = {}
-    remainders = []
-    for account in participants:
-        share = Fraction(allocated_total * account_profit[account], participant_profit)
-        charges[account] = math.floor(share)
-        remainders.append((share - math.floor(share), account_profit[account], -account))
-    leftover = allocated_total - sum(charges.values())
-    for _, _, negative in sorted(remainders, reverse=True)[:leftover]:
-        charges[-negative] += 1
+    charges = split(allocated_total, [(a, account_profit[a]) for a in participants])
     amounts: dict[int, int] = {}
     for account in participants:
-        rows = by_account[account]
-        charge, profit = charges[account], account_profit[account]
-        parts = []
-        for position_id, _, pnl in rows:
-            share = Fraction(charge * pnl, profit)
-            amounts[position_id] = math.floor(share)
-            parts.append((share - math.floor(share), pnl, -position_id))
-        missing = charge - sum(amounts[r[0]] for r in rows)
-        for _, _, negative_id in sorted(parts, reverse=True)[:missing]:
-            amounts[-negative_id] += 1
+        amounts.update(split(charges[account], [(r[0], r[2]) for r in by_account[account]]))
     rows_out = sorted(
         (position_id, account_id, pnl, amounts[position_id])
         for position_id, account_id, pnl in profitable
@@ -170,3 +145,19 @@ def allocate_by_account_reference(
         uncovered=user_due - allocated_total,
         rows=rows_out,
     )
+
+
+def split(total: int, weights: list[tuple[int, int]]) -> dict[int, int]:
+    """`total` over (id, weight) pro rata, exactly: floors, then one unit each to the largest
+    remainders (ties: larger weight, then smaller id)."""
+    weight_total = sum(w for _, w in weights)
+    amounts: dict[int, int] = {}
+    remainders = []
+    for key, weight in weights:
+        share = Fraction(total * weight, weight_total)
+        amounts[key] = math.floor(share)
+        remainders.append((share - math.floor(share), weight, -key))
+    leftover = total - sum(amounts.values())
+    for _, _, negative_key in sorted(remainders, reverse=True)[:leftover]:
+        amounts[-negative_key] += 1
+    return amounts

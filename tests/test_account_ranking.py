@@ -21,17 +21,10 @@ from tests import cycle_streams as cs
 from tests import test_cycle as tc
 from tests.alloc_reference import Reference, allocate_by_account_reference, allocate_reference
 from tests.conftest import Client
+from tests.test_allocator import columns
 
 INT64_MAX = 2**63 - 1
 Row = tuple[int, int, int]  # position_id, account_id, pnl
-
-
-def columns(rows: list[Row]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (
-        np.array([r[0] for r in rows], dtype=np.uint64),
-        np.array([r[1] for r in rows], dtype=np.uint64),
-        np.array([r[2] for r in rows], dtype=np.int64),
-    )
 
 
 def by_account(loss: int, fund: int, q: str, c: str, rows: list[Row]) -> AllocationResult:

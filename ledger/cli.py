@@ -690,6 +690,162 @@ def cycle_allocations(
         )
 
 
+# --- reading back, corrections, statements ---------------------------------------------------
+
+
+@contract_app.command("list")
+def contract_list(
+    ctx: typer.Context,
+    currency: Annotated[
+        str, typer.Option("--currency", help="only the contracts margined in this currency")
+    ] = "",
+    json: Json = False,
+) -> None:
+    """The contracts (ListContracts), by symbol."""
+    request = pb.ListContractsRequest(currency=currency)
+    with _client(ctx) as client:
+        reply = client.unary("Query", "ListContracts", request, pb.ListContractsResponse)
+    if json:
+        render.print_json(reply)
+    else:
+        _show(render.contracts(reply))
+
+
+@policy_app.command("show")
+def policy_show(
+    ctx: typer.Context,
+    code: Annotated[str, typer.Argument(help="the currency's code")],
+    json: Json = False,
+) -> None:
+    """The policy in force (GetPolicy)."""
+    with _client(ctx) as client:
+        reply = client.unary("Query", "GetPolicy", pb.GetPolicyRequest(currency=code), pb.Policy)
+    if json:
+        render.print_json(reply)
+    else:
+        _show(render.policy(reply))
+
+
+@policy_app.command("history")
+def policy_history(
+    ctx: typer.Context,
+    code: Annotated[str, typer.Argument(help="the currency's code")],
+    json: Json = False,
+) -> None:
+    """Every version of the currency's policy (ListPolicies), oldest first."""
+    request = pb.ListPoliciesRequest(currency=code)
+    with _client(ctx) as client:
+        reply = client.unary("Query", "ListPolicies", request, pb.ListPoliciesResponse)
+    if json:
+        render.print_json(reply)
+    else:
+        _show(render.policies(reply))
+
+
+@liquidation_app.command("show")
+def liquidation_show(
+    ctx: typer.Context,
+    liquidation_id: Annotated[str, typer.Argument(help="the liquidation's id")],
+    json: Json = False,
+) -> None:
+    """A recorded liquidation: its request, its result and whether it was reversed."""
+    request = pb.GetLiquidationRequest(liquidation_id=liquidation_id)
+    with _client(ctx) as client:
+        reply = client.unary("Query", "GetLiquidation", request, pb.Liquidation)
+        scale = 0 if json else _scale(client, reply.result.currency, needed=False)
+    if json:
+        render.print_json(reply)
+    else:
+        _show(render.liquidation(reply, scale))
+
+
+@liquidation_app.command("reverse")
+def liquidation_reverse(
+    ctx: typer.Context,
+    liquidation_id: Annotated[str, typer.Argument(help="the liquidation's id")],
+    reason: Annotated[str, typer.Option("--reason", help="why (kept as the entry's memo)")],
+    json: Json = False,
+) -> None:
+    """Post the opposite of a liquidation's entry, in its open cycle (ReverseLiquidation);
+    the same again returns the same entry."""
+    request = pb.ReverseLiquidationRequest(liquidation_id=liquidation_id, reason=reason)
+    with _client(ctx) as client:
+        reply = client.unary("Admin", "ReverseLiquidation", request, pb.Entry)
+        scale = 0 if json else _scale(client, reply.currency, needed=False)
+    if json:
+        render.print_json(reply)
+    else:
+        _show(render.entry(reply, scale))
+
+
+@cycle_app.command("list")
+def cycle_list(
+    ctx: typer.Context,
+    currency: CurrencyOption,
+    limit: Annotated[
+        int, typer.Option("--limit", help="at most this many cycles, newest first", min=1)
+    ] = 100,
+    json: Json = False,
+) -> None:
+    """The currency's closed cycles, newest first (ListCycles, page by page)."""
+    pages: list[pb.ListCyclesResponse] = []
+    with _client(ctx) as client:
+        token, left = "", limit
+        while left > 0:
+            request = pb.ListCyclesRequest(
+                currency=currency, page_size=min(left, 1000), page_token=token
+            )
+            page = client.unary("Query", "ListCycles", request, pb.ListCyclesResponse)
+            if json:
+                render.print_json(page)
+            pages.append(page)
+            left -= len(page.cycles)
+            token = page.next_page_token
+            if not token:
+                break
+        scale = 0 if json else _scale(client, currency, needed=False)
+    if not json:
+        _show(render.cycles(pages, currency, scale))
+
+
+@cycle_app.command("open")
+def cycle_open(
+    ctx: typer.Context,
+    currency: Annotated[
+        str, typer.Option("--currency", help="only this currency's open cycles")
+    ] = "",
+    json: Json = False,
+) -> None:
+    """The cycles with liquidations and no close in force (ListOpenCycles)."""
+    request = pb.ListOpenCyclesRequest(currency=currency)
+    with _client(ctx) as client:
+        reply = client.unary("Query", "ListOpenCycles", request, pb.ListOpenCyclesResponse)
+        scale = _scale(client, currency, needed=False) if currency and not json else None
+    if json:
+        render.print_json(reply)
+    else:
+        _show(render.open_cycles(reply, scale))
+
+
+@cycle_app.command("explain")
+def cycle_explain(
+    ctx: typer.Context,
+    cycle: CycleId,
+    currency: CurrencyOption,
+    position: Annotated[int, typer.Option("--position", help="the position's id", min=0)],
+    json: Json = False,
+) -> None:
+    """Why a position of a closed cycle was charged what it was (ExplainAllocation)."""
+    request = pb.ExplainAllocationRequest(cycle_id=cycle, currency=currency, position_id=position)
+    with _client(ctx) as client:
+        reply = client.unary("Query", "ExplainAllocation", request, pb.AllocationExplanation)
+        scale = 0 if json else _scale(client, currency, needed=False)
+    if json:
+        render.print_json(reply)
+    else:
+        _show(render.explanation(reply, scale))
+
+
 # --- the journal and its check ---------------------------------------------------------------
 
 

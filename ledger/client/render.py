@@ -215,3 +215,120 @@ def cycle_summary(reply: pb.CycleSummary, scale: int) -> Table:
         ("closed at", timestamp(reply.closed_at)),
     ]
     return key_values(f"Cycle {reply.cycle_id} of {reply.currency}", rows)
+
+
+def contracts(reply: pb.ListContractsResponse) -> Table:
+    return rows_table(
+        "Contracts",
+        ("symbol", "margin currency", "kind", "multiplier"),
+        (
+            (
+                c.symbol,
+                c.margin_currency,
+                enum_name(pb.ContractKind, c.kind, "CONTRACT_KIND_").lower(),
+                c.multiplier,
+            )
+            for c in reply.contracts
+        ),
+    )
+
+
+def policies(reply: pb.ListPoliciesResponse) -> Table:
+    return rows_table(
+        "Policy versions",
+        ("version", "insurance share", "coverage ratio", "ranking"),
+        (
+            (
+                str(p.version),
+                p.insurance_share,
+                p.coverage_ratio,
+                enum_name(pb.Ranking, p.ranking, "RANKING_").lower(),
+            )
+            for p in reply.policies
+        ),
+    )
+
+
+def liquidation(reply: pb.Liquidation, scale: int) -> Table:
+    request, result = reply.request, reply.result
+    side = enum_name(pb.Side, request.side, "SIDE_").lower()
+    return key_values(
+        f"Liquidation {request.liquidation_id}",
+        [
+            ("cycle", request.cycle_id),
+            ("symbol", request.symbol),
+            ("account", str(request.account_id)),
+            ("position", str(request.position_id)),
+            ("side", side),
+            ("quantity", request.quantity),
+            ("takeover price", request.takeover_price),
+            ("close price", request.close_price),
+            ("remaining margin", show(request.remaining_margin, scale)),
+            ("outcome", enum_name(pb.Outcome, result.outcome, "OUTCOME_")),
+            ("engine result", show(result.engine_result, scale)),
+            ("fund balance after", show(result.fund_balance, scale)),
+            ("entry", str(result.entry_id) if result.entry_id else "none (break-even)"),
+            ("recorded at", timestamp(reply.recorded_at)),
+            ("reversed", "yes" if reply.reversed else "no"),
+        ],
+    )
+
+
+def cycles(pages: Sequence[pb.ListCyclesResponse], currency: str, scale: int) -> Table:
+    return rows_table(
+        f"Closed cycles of {currency}, newest first",
+        ("cycle", "closed at", "loss", "fund paid", "allocated", "uncovered", "participants",
+         "allocation rate"),
+        (
+            (
+                c.cycle_id,
+                timestamp(c.closed_at),
+                show(c.loss_total, scale),
+                show(c.fund_paid, scale),
+                show(c.allocated_total, scale),
+                show(c.uncovered, scale),
+                f"{c.participant_count} of {c.profitable_count}",
+                c.allocation_rate,
+            )
+            for page in pages
+            for c in page.cycles
+        ),
+    )  # fmt: skip
+
+
+def open_cycles(reply: pb.ListOpenCyclesResponse, scale: int | None) -> Table:
+    """Amounts at the currency's scale; in minor units (`scale` None) over several currencies."""
+    return rows_table(
+        "Open cycles" + (" (amounts in minor units)" if scale is None else ""),
+        ("cycle", "currency", "loss", "liquidations", "first recorded", "last recorded"),
+        (
+            (
+                c.cycle_id,
+                c.currency,
+                str(c.loss_total) if scale is None else show(c.loss_total, scale),
+                str(c.liquidations_count),
+                timestamp(c.first_recorded_at),
+                timestamp(c.last_recorded_at),
+            )
+            for c in reply.cycles
+        ),
+    )
+
+
+def explanation(reply: pb.AllocationExplanation, scale: int) -> Table:
+    share = f"{reply.share_numerator}/{reply.share_denominator}"
+    return key_values(
+        f"Position {reply.position_id}",
+        [
+            ("account", str(reply.account_id)),
+            ("pnl", show(reply.pnl, scale)),
+            ("rank", f"{reply.rank} of {reply.profitable_count} profitable"),
+            ("cutoff pnl", show(reply.cutoff_pnl, scale)),
+            ("participant", "yes" if reply.participant else "no"),
+            ("participant profit", show(reply.participant_profit, scale)),
+            ("allocated total", show(reply.allocated_total, scale)),
+            ("exact share (minor units)", share),
+            ("amount", show(reply.amount, scale)),
+            ("remainder unit", "yes" if reply.remainder_unit else "no"),
+        ],
+    )

@@ -15,6 +15,7 @@ const WIRE_FIXED64: u64 = 1;
 const WIRE_LEN: u64 = 2;
 const WIRE_FIXED32: u64 = 5;
 const FIELD_NUMBER_MAX: u64 = (1 << 29) - 1; // protobuf's largest field number
+const LENGTH_MAX: u64 = (1 << 31) - 1; // protobuf's largest length-delimited field
 
 /// Why a message was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,6 +97,17 @@ impl<'a> Reader<'a> {
         Err(DecodeError::Malformed("truncated or overlong varint"))
     }
 
+    /// A varint of at most `max_bytes` bytes (protobuf reads keys and lengths as 32-bit
+    /// varints: at most 5 bytes, where a 64-bit value may take 10).
+    fn short_varint(&mut self, max_bytes: usize, what: &'static str) -> Result<u64, DecodeError> {
+        let before = self.bytes.len();
+        let value = self.varint()?;
+        if before - self.bytes.len() > max_bytes {
+            return Err(DecodeError::Malformed(what));
+        }
+        Ok(value)
+    }
+
     fn take(&mut self, len: usize) -> Result<&'a [u8], DecodeError> {
         if len > self.bytes.len() {
             return Err(DecodeError::Malformed(
@@ -112,7 +124,7 @@ impl<'a> Reader<'a> {
         if self.bytes.is_empty() {
             return Ok(None);
         }
-        let key = self.varint()?;
+        let key = self.short_varint(5, "field key longer than 5 bytes")?;
         if key >> 3 == 0 {
             return Err(DecodeError::Malformed("field number 0"));
         }
@@ -123,7 +135,10 @@ impl<'a> Reader<'a> {
     }
 
     fn length_delimited(&mut self) -> Result<&'a [u8], DecodeError> {
-        let len = self.varint()?;
+        let len = self.short_varint(5, "length longer than 5 bytes")?;
+        if len > LENGTH_MAX {
+            return Err(DecodeError::Malformed("length above 2^31 - 1"));
+        }
         self.take(usize::try_from(len).map_err(|_| DecodeError::Malformed("length"))?)
     }
 
@@ -506,6 +521,26 @@ mod tests {
             columns.feed(&message, 10),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn keys_and_lengths_longer_than_five_bytes_are_malformed() {
+        // Found by the fuzz target: an unknown field's key padded to 6 bytes (its value fits
+        // in 32 bits), which protobuf refuses. A length padded likewise, and one above 2^31-1.
+        let padded_key = [0x82, 0x82, 0x82, 0x82, 0x82, 0x00, 0x00];
+        let padded_length = [0x0a, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00];
+        let huge_length = [0x0a, 0x80, 0x80, 0x80, 0x80, 0x08];
+        for message in [&padded_key[..], &padded_length[..], &huge_length[..]] {
+            let mut columns = PositionColumns::default();
+            assert!(
+                matches!(columns.feed(message, 10), Err(DecodeError::Malformed(_))),
+                "{message:02x?}"
+            );
+        }
+        // Five bytes are still a key: field 2^29 - 1 at the most, an unknown field skipped.
+        let mut columns = PositionColumns::default();
+        let widest = [0xf8, 0xff, 0xff, 0xff, 0x0f, 0x00];
+        assert!(columns.feed(&widest, 10).is_ok());
     }
 
     #[test]

@@ -414,7 +414,42 @@ def _process_main(
 
 def set_up(endpoint: Endpoint, plan: Plan) -> None:
     """The currency, its contract and a funded insurance fund; each step idempotent (a
-    currency already there with another scale is used as it is)."""
+    currency already there with another scale is used as it is). Those are Admin calls: a
+    `clearing` token (which the load itself needs) may not make them, so then the load goes
+    ahead on what an admin set up before, or says how to set it up."""
+    try:
+        _set_up_as_admin(endpoint, plan)
+    except grpc.RpcError as error:
+        if not (isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.PERMISSION_DENIED):
+            raise
+        if not _contract_there(endpoint, plan):
+            raise UsageProblem(
+                f"this token may not set up the load (Admin: PERMISSION_DENIED), and contract "
+                f"{plan.symbol} of {plan.currency} is not there yet: run the load once with "
+                "an admin token (it sets up and then fails its Clearing calls), or create them "
+                f"with `ledger currency create {plan.currency} --scale {SCALE}` and `ledger "
+                f"contract upsert {plan.symbol} --currency {plan.currency} --kind linear "
+                f"--multiplier {MULTIPLIER}`, then run it with a clearing token"
+            ) from None
+
+
+def _contract_there(endpoint: Endpoint, plan: Plan) -> bool:
+    with Client(endpoint) as client:
+        try:
+            listed = client.unary(
+                "Query",
+                "ListContracts",
+                pb.ListContractsRequest(currency=plan.currency),
+                pb.ListContractsResponse,
+            )
+        except grpc.RpcError as error:
+            if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.NOT_FOUND:
+                return False  # the currency is not there either
+            raise
+    return any(c.symbol == plan.symbol for c in listed.contracts)
+
+
+def _set_up_as_admin(endpoint: Endpoint, plan: Plan) -> None:
     with Client(endpoint) as client:
         try:
             client.unary(

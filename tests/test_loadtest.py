@@ -130,7 +130,11 @@ def test_a_refused_load_exits_1_with_the_status(database_url: str, tmp_path: Pat
         assert ran.code == 1 and "UNAUTHENTICATED" in ran.err, ran
         ran = ledger(server.port, "loadtest", "liquidations", "--seconds", SECONDS,
                      env={"LEDGER_TOKEN": TOKENS["reader"]})  # fmt: skip
-        assert ran.code == 1 and "PERMISSION_DENIED" in ran.err, ran
+        assert ran.code == 2 and "ledger currency create LT" in ran.err, ran
+        # A clearing token before an admin set the load up: told how, nothing sent.
+        ran = ledger(server.port, "loadtest", "liquidations", "--seconds", SECONDS,
+                     env={"LEDGER_TOKEN": TOKENS["clearing"]})  # fmt: skip
+        assert ran.code == 2 and "run the load once with an admin token" in ran.err, ran
         # An admin sets the load up, but may not post liquidations (Clearing): every call
         # fails, the report says so by status, and the exit is 1.
         ran = ledger(server.port, "loadtest", "liquidations", "--seconds", SECONDS, "--json",
@@ -138,5 +142,15 @@ def test_a_refused_load_exits_1_with_the_status(database_url: str, tmp_path: Pat
         assert ran.code == 1, ran
         report = json.loads(ran.out.strip().splitlines()[-1])
         assert set(report["errors"]) == {"PERMISSION_DENIED"}, report
+        # Set up now: a clearing token loads, and every call is recorded.
+        ran = ledger(server.port, "loadtest", "liquidations", "--seconds", SECONDS, "--json",
+                     env={"LEDGER_TOKEN": TOKENS["clearing"]})  # fmt: skip
+        stats = report_of(ran)["rpcs"]["RecordLiquidation"]
+        assert stats["calls"] > 0 and stats["items"] == stats["calls"]
+        # A reader may not post: every call refused, counted by status.
+        ran = ledger(server.port, "loadtest", "liquidations", "--seconds", SECONDS, "--json",
+                     env={"LEDGER_TOKEN": TOKENS["reader"]})  # fmt: skip
+        assert ran.code == 1, ran
+        assert set(json.loads(ran.out.strip().splitlines()[-1])["errors"]) == {"PERMISSION_DENIED"}
     finally:
         server.stop()

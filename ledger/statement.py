@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ PART_ROWS = 1 << 20  # positions a part: 24 MiB before compression
 CODEC = "lz4"
 CACHED_CYCLES = 2  # inputs kept in memory: a statement run asks for many positions of one
 KEEP_WAIT_SECONDS = 300  # a statement waits this long for its cycle's input being kept
+KEEP_ATTEMPTS = 5
+KEEP_RETRY_SECONDS = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +121,21 @@ class Keeper:
         future.add_done_callback(done)
 
     def _keep(self, key: cycle.CycleKey, columns: Columns) -> None:
-        try:
-            keep(self._database, key, columns)
-        except Exception:  # the statement says so (FAILED_PRECONDITION); a repeat retries
-            log.exception("keeping the input of cycle %r of %s failed", key.cycle_id, key.currency)
+        """Retried a few times (a busy database: lock timeouts), since nothing waits on it
+        but statements; each attempt adds only the parts still missing."""
+        for attempt in range(1, KEEP_ATTEMPTS + 1):
+            try:
+                keep(self._database, key, columns)
+                return
+            except Exception:  # the statement says so (FAILED_PRECONDITION); a repeat retries
+                log.exception(
+                    "keeping the input of cycle %r of %s failed (attempt %d of %d)",
+                    key.cycle_id,
+                    key.currency,
+                    attempt,
+                    KEEP_ATTEMPTS,
+                )
+                time.sleep(KEEP_RETRY_SECONDS * attempt)
 
     def wait(self, currency: str, cycle_id: str) -> None:
         with self._lock:

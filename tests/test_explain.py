@@ -231,3 +231,26 @@ def test_an_input_in_many_parts(
     with pytest.raises(grpc.RpcError) as error:
         explain(client, "c1", 2)  # between two ids of the input
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_failed_keep_is_tried_again(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server runs in this process: the first two keeps fail (as a busy database
+    would), the third keeps the input, and the statement waits for it."""
+    from ledger import statement
+
+    real = statement.keep
+    calls: list[int] = []
+
+    def flaky(*args: object) -> None:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("database is locked")
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(statement, "keep", flaky)
+    monkeypatch.setattr(statement, "KEEP_RETRY_SECONDS", 0.01)
+    tc.market(client)
+    tc.liquidate(client, "L1", "c1", -100)
+    cs.close(client.channel, "c1", tc.JPY, cs.Positions.of([(7, 1, 500), (8, 2, 100)]))
+    assert explain(client, "c1", 8).rank == 2
+    assert len(calls) == 3

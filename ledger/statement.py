@@ -164,14 +164,51 @@ def _is_whole(session: Session, pk: int) -> bool:
     return bool(count) and count == parts
 
 
+@dataclass(frozen=True, slots=True)
+class _Standings:
+    """A closed cycle's input, with what every statement of it ranks against, computed once:
+    `ranked` holds the profits of the profitable positions (or of the profitable accounts,
+    `account_ids` beside `account_profit`), ascending, so that a rank is a binary search."""
+
+    ids: npt.NDArray[np.uint64]
+    accounts: npt.NDArray[np.uint64]
+    pnls: npt.NDArray[np.int64]
+    ranked: npt.NDArray[np.int64]
+    account_ids: npt.NDArray[np.uint64]
+    account_profit: npt.NDArray[np.int64]
+
+    @classmethod
+    def of(cls, columns: Columns, ranking: Ranking) -> _Standings:
+        ids, accounts, pnls = columns
+        profitable = pnls > 0
+        if ranking == Ranking.ACCOUNT:
+            account_ids, account_profit = _account_profits(accounts[profitable], pnls[profitable])
+            ranked = np.sort(account_profit)
+        else:
+            account_ids = np.zeros(0, dtype=np.uint64)
+            account_profit = np.zeros(0, dtype=np.int64)
+            ranked = np.sort(pnls[profitable])
+        return cls(ids, accounts, pnls, ranked, account_ids, account_profit)
+
+    def above(self, value: int) -> int:
+        """How many ranked profits exceed `value`."""
+        return len(self.ranked) - int(np.searchsorted(self.ranked, value, side="right"))
+
+    def profit_of(self, account: int) -> int:
+        """The account's profit: the sum of its profitable positions' pnl (0 for none)."""
+        at = int(np.searchsorted(self.account_ids, np.uint64(account)))
+        found = at < len(self.account_ids) and int(self.account_ids[at]) == account
+        return int(self.account_profit[at]) if found else 0
+
+
 class _Inputs:
-    """The last few cycles' inputs in memory, read once per cycle (they never change)."""
+    """The last few cycles' standings in memory, read once per cycle (they never change)."""
 
     def __init__(self) -> None:
-        self._cached: OrderedDict[tuple[str, int, str], Columns] = OrderedDict()
+        self._cached: OrderedDict[tuple[str, int, str], _Standings] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, session: Session, row: models.Cycle, name: str) -> Columns:
+    def get(self, session: Session, row: models.Cycle, name: str) -> _Standings:
         # The database's address and the close's digest with the key: one process may serve
         # (or test) several databases, whose cycle keys repeat.
         bind = session.get_bind()
@@ -181,12 +218,12 @@ class _Inputs:
             if key in self._cached:
                 self._cached.move_to_end(key)
                 return self._cached[key]
-        columns = _read(session, row.id, name)
+        standings = _Standings.of(_read(session, row.id, name), Ranking(row.ranking))
         with self._lock:
-            self._cached[key] = columns
+            self._cached[key] = standings
             while len(self._cached) > CACHED_CYCLES:
                 self._cached.popitem(last=False)
-        return columns
+        return standings
 
 
 _INPUTS = _Inputs()
@@ -239,21 +276,16 @@ def explain(session: Session, cycle_id: str, currency: str, position_id: int) ->
     name = f"cycle {key.cycle_id!r} of {key.currency}"
     if row is None:
         raise NotFound(f"{name} has not been closed")
-    ids, accounts, pnls = _INPUTS.get(session, row, name)
+    standings = _INPUTS.get(session, row, name)
+    ids = standings.ids
     at = int(np.searchsorted(ids, np.uint64(position_id)))  # the parts are in id order
     if at == len(ids) or int(ids[at]) != position_id:
         raise NotFound(f"position {position_id} was not among the positions of {name}")
-    account, pnl = int(accounts[at]), int(pnls[at])
+    account, pnl = int(standings.accounts[at]), int(standings.pnls[at])
     amount = _amount(session, row.id, account, position_id)
-    profitable = pnls > 0
-    if Ranking(row.ranking) == Ranking.ACCOUNT:
-        profits = _account_profits(accounts[profitable], pnls[profitable])
-        mine = int(pnls[profitable & (accounts == np.uint64(account))].sum(dtype=np.int64))
-        rank = 1 + int(np.count_nonzero(profits > mine))
-        standing = mine
-    else:
-        rank = 1 + int(np.count_nonzero(profitable & (pnls > pnl)))
-        standing = pnl
+    by_account = Ranking(row.ranking) == Ranking.ACCOUNT
+    standing = standings.profit_of(account) if by_account else pnl
+    rank = 1 + standings.above(standing)
     floor_pnl = 1 if row.widened else max(row.cutoff_pnl, 1)
     participant = row.participant_count > 0 and standing >= floor_pnl and pnl > 0
     share = (
@@ -261,7 +293,7 @@ def explain(session: Session, cycle_id: str, currency: str, position_id: int) ->
         if participant and row.participant_profit
         else Fraction(0)
     )
-    if Ranking(row.ranking) == Ranking.ACCOUNT and participant:
+    if by_account and participant:
         # The unit step that gave this position one more is the split of its account's
         # charge over its profitable positions.
         charge = _account_charge(session, row.id, account)
@@ -287,14 +319,16 @@ def explain(session: Session, cycle_id: str, currency: str, position_id: int) ->
 
 def _account_profits(
     accounts: npt.NDArray[np.uint64], pnls: npt.NDArray[np.int64]
-) -> npt.NDArray[np.int64]:
-    """Each profitable account's profit (the sum of its profitable positions' pnl)."""
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """The profitable positions' accounts, ascending, and each one's profit (an int64 sum:
+    an account's profit beyond int64 was refused at the close)."""
     if not len(accounts):
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
     order = np.argsort(accounts, kind="stable")
     sorted_accounts = accounts[order]
     starts = np.flatnonzero(np.r_[True, sorted_accounts[1:] != sorted_accounts[:-1]])
-    return np.add.reduceat(pnls[order], starts).astype(np.int64, copy=False)
+    profits = np.add.reduceat(pnls[order], starts).astype(np.int64, copy=False)
+    return sorted_accounts[starts], profits
 
 
 def _amount(session: Session, pk: int, account: int, position_id: int) -> int:

@@ -640,6 +640,27 @@ def cycle_show(
         _show(render.cycle_summary(reply, scale))
 
 
+@cycle_app.command("reverse")
+def cycle_reverse(
+    ctx: typer.Context,
+    cycle: CycleId,
+    currency: CurrencyOption,
+    reason: Annotated[str, typer.Option("--reason", help="why (kept as the entries' memo)")],
+    json: Json = False,
+) -> None:
+    """Reverse the cycle's close (ReverseCycle): its cover, uncovered rest and every
+    allocation flow go back, as new entries; the cycle is open again and may be closed again
+    with new input. The same again returns the same summary."""
+    request = pb.ReverseCycleRequest(cycle_id=cycle, currency=currency, reason=reason)
+    with _client(ctx) as client:
+        reply = client.unary("Admin", "ReverseCycle", request, pb.CycleSummary)
+        scale = 0 if json else _scale(client, currency, needed=False)
+    if json:
+        render.print_json(reply)
+    else:
+        _show(render.cycle_summary(reply, scale))
+
+
 @cycle_app.command("allocations")
 def cycle_allocations(
     ctx: typer.Context,

@@ -18,27 +18,35 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from ledger import journal, money
 from ledger.alloc import AllocationResult, CycleInputDecoder, Ranking, allocations_digest
 from ledger.currency import current_policy, get_currency
-from ledger.db import bulk, closes, models
+from ledger.db import bulk, closes, models, reversals, store
 from ledger.db.batch import BatchStatements
 from ledger.db.closes import Basis, ClosePlan
-from ledger.db.liquidations import cycle_loss_total, open_cycles
+from ledger.db.liquidations import cycle_loss_total, has_liquidations, open_cycles
 from ledger.db.session import Database
 from ledger.db.store import account_balance, now_us
-from ledger.errors import AlreadyExists, InvalidArgument, NotFound
+from ledger.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    LedgerError,
+    NotFound,
+    Unavailable,
+)
 from ledger.journal import INSURANCE_FUND, SYSTEM_LOSS, UNCOVERED_LOSS, EntryKind
-from ledger.limits import INT64_MAX, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
+from ledger.limits import INT64_MAX, MEMO_LENGTH_MAX, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 
 log = logging.getLogger("ledger.cycle")
 
 CLOSE_ATTEMPTS_MAX = 3
+REVERSE_ATTEMPTS_MAX = 3
 
 
 class CycleState(enum.IntEnum):
@@ -46,6 +54,7 @@ class CycleState(enum.IntEnum):
 
     PREVIEW = 1
     CLOSED = 2
+    REVERSED = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +81,7 @@ class CycleSummary:
     coverage_ratio: str
     closed_at_us: int  # 0 for a preview
     ranking: Ranking = Ranking.POSITION
+    version: int = 0  # of the close: 1 for the first, one more after each reversal; 0 preview
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +127,8 @@ def close(
             with database.read() as session:
                 stored = _stored(session, key)
             assert stored is not None, "a close committed first, yet its cycle row is missing"
+            if stored.state != CycleState.CLOSED:  # and was reversed since: close again
+                continue
             return _repeat(stored, input_digest)
         except closes.Stale as stale:
             log.info("close attempt %d computed again: %s", attempt, stale)
@@ -144,11 +156,12 @@ def _basis(session: Session, key: CycleKey) -> Basis | CycleSummary:
     """What the allocation depends on now, or the stored summary of a closed cycle."""
     get_currency(session, key.currency)
     stored = _stored(session, key)
-    if stored is not None:
+    if stored is not None and stored.state == CycleState.CLOSED:
         return stored
     db = BatchStatements.of_session(session)
     policy = current_policy(session, key.currency)
     return Basis(
+        version=1 if stored is None else stored.version + 1,
         loss_total=cycle_loss_total(db, key.currency, key.cycle_id),
         fund_balance=account_balance(session, key.currency, INSURANCE_FUND),
         policy_version=policy.version,
@@ -202,6 +215,7 @@ def _plan(
         policy_coverage,
         closed_at,
         basis.ranking,
+        basis.version,
     )
     plan = ClosePlan(
         currency=key.currency,
@@ -220,6 +234,128 @@ def _plan(
         ),
     )
     return plan, summary
+
+
+def reverse(database: Database, key: CycleKey, reason: str) -> CycleSummary:
+    """Reverse the cycle's close in force, append-only: post the reversal of its fund cover,
+    of its uncovered rest and of every allocation flow (one row per allocation, made in bulk
+    from the close's rows), as new entries naming what they reverse. The cycle's loss is
+    then open again: liquidations may be recorded in it and it may be closed again, as the
+    next version. A repeat returns the same (reversed) summary.
+
+    The allocation rows' entry ids are reserved first (on PostgreSQL in a transaction of
+    their own); the reversal itself then runs under the currency's rows, so no liquidation
+    or close of the currency comes between its check and its write. If the close moved
+    meanwhile (reversed by another call), the reversal looks again.
+    """
+    if len(reason) > MEMO_LENGTH_MAX:
+        raise InvalidArgument("reason", reason[:32] + "…", f"longer than {MEMO_LENGTH_MAX}")
+    for _ in range(REVERSE_ATTEMPTS_MAX):
+        with database.read() as session:
+            get_currency(session, key.currency)
+            db = BatchStatements.of_session(session)
+            close = reversals.latest_close(db, key.currency, key.cycle_id)
+            if close is None:
+                raise _never_closed(db, key)
+            if close.reversed:
+                stored = _stored(session, key)
+                assert stored is not None
+                return stored
+            count = reversals.allocation_count(db, close.pk)
+        first_id = 0
+        if count and not database.is_sqlite:
+            with database.write() as session:
+                first_id = store.reserve_entry_block(BatchStatements.of_session(session), count)
+        with database.write() as session:
+            db = BatchStatements.of_session(session)
+            accounts = closes.lock(db, key.currency)
+            if reversals.latest_close(db, key.currency, key.cycle_id) != close:
+                continue  # reversed (or reversed and closed again) meanwhile
+            if count and database.is_sqlite:
+                first_id = store.reserve_entry_block(db, count)
+            summary = _stored(session, key)
+            assert summary is not None and summary.state == CycleState.CLOSED
+            corrections = _corrections(session, db, key, summary, reason)
+            for correction in corrections:
+                refused = store.move(accounts, correction)
+                if refused is not None:
+                    raise refused
+            if summary.allocated_total:
+                refused = store.move_amount(
+                    accounts, key.currency, SYSTEM_LOSS, None, summary.allocated_total
+                )
+                if refused is not None:
+                    raise refused
+            reversed_at = now_us()
+            heads = store.read_heads(db, [key.currency])
+            store.append(db, accounts, heads, corrections, reversed_at)
+            reversals.write(
+                db,
+                heads,
+                close,
+                {
+                    "cycle_pk": close.pk,
+                    "currency": key.currency,
+                    "cycle_id": key.cycle_id,
+                    "version": close.version,
+                    "reason": reason,
+                    "reversed_at_us": reversed_at,
+                    "first_entry_id": first_id,
+                    "allocation_count": count,
+                    "allocations_digest": close.allocations_digest,
+                },
+            )
+            db.write_together(heads.writes())
+        log.info(
+            "reversed close %d of cycle %r of %s: %d allocations, reason %r",
+            close.version,
+            key.cycle_id,
+            key.currency,
+            count,
+            reason,
+        )
+        return replace(summary, state=CycleState.REVERSED)
+    raise Unavailable(
+        f"cycle {key.cycle_id!r} of {key.currency} kept being reversed and closed again "
+        "meanwhile; try again"
+    )
+
+
+def _never_closed(db: BatchStatements, key: CycleKey) -> LedgerError:
+    if has_liquidations(db, key.currency, key.cycle_id):
+        return FailedPrecondition(
+            f"cycle {key.cycle_id!r} of {key.currency} is open (it has liquidations and no "
+            "close): there is no close to reverse (reverse its liquidations instead)",
+            type="CYCLE_OPEN",
+            subject=f"cycle {key.cycle_id} of {key.currency}",
+        )
+    return NotFound(f"cycle {key.cycle_id!r} of {key.currency} has not been closed")
+
+
+def _corrections(
+    session: Session, db: BatchStatements, key: CycleKey, summary: CycleSummary, reason: str
+) -> list[journal.Transfer]:
+    """The reversals of the close's fund cover and uncovered rest, which must be as its
+    summary says (anything else is a ledger that VerifyLedger would not pass)."""
+    ids = reversals.unreversed_close_entries(db, key.currency, key.cycle_id)
+    originals = [store.load_entry(session, entry_id) for entry_id in ids]
+    found = sorted((int(e.kind), e.transfer().amount) for e in originals)
+    expected = sorted(
+        (int(kind), amount)
+        for kind, amount in (
+            (EntryKind.INSURANCE_COVER, summary.fund_paid),
+            (EntryKind.UNCOVERED_LOSS, summary.uncovered),
+        )
+        if amount
+    )
+    if found != expected:
+        raise FailedPrecondition(
+            f"cycle {key.cycle_id!r} of {key.currency}: its close's entries are {found}, its "
+            f"summary says {expected}; run VerifyLedger",
+            type="LEDGER_INCONSISTENT",
+            subject=f"cycle {key.cycle_id} of {key.currency}",
+        )
+    return [journal.reversal(e.transfer(), e.entry_id, reason) for e in originals]
 
 
 def preview(
@@ -249,47 +385,58 @@ def preview(
 
 
 def get(session: Session, key: CycleKey, version: int = 0) -> CycleSummary:
-    """The cycle's summary; `version` 0 is the latest close (1: the first; a cycle is
-    closed once unless it is reversed)."""
+    """The summary of one close of the cycle: `version` 0 is the latest, 1 the first (a
+    cycle is closed again only after its close is reversed)."""
     get_currency(session, key.currency)
-    stored = _stored(session, key)
-    if stored is None:
-        raise NotFound(f"cycle {key.cycle_id!r} of {key.currency} has not been closed")
-    if version not in (0, 1):
+    stored = _stored(session, key, version)
+    if stored is not None:
+        return stored
+    if version and _stored(session, key) is not None:
         raise NotFound(f"cycle {key.cycle_id!r} of {key.currency} has no close version {version}")
-    return stored
+    raise NotFound(f"cycle {key.cycle_id!r} of {key.currency} has not been closed")
 
 
 def allocations(
     session: Session, key: CycleKey, account_id: int | None, rows_per_chunk: int
 ) -> Iterator[bulk.AllocationColumns]:
-    """A closed cycle's allocations in position_id order, in chunks of at most
-    rows_per_chunk rows, straight from the ledger's rows."""
+    """The allocations of the cycle's latest close in position_id order, in chunks of at most
+    rows_per_chunk rows, straight from the ledger's rows (a reversed close's too: its summary
+    says that they were reversed)."""
     get_currency(session, key.currency)
     pk = session.scalar(
-        select(models.Cycle.id).where(
-            models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id
-        )
+        select(models.Cycle.id)
+        .where(models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id)
+        .order_by(models.Cycle.version.desc())
+        .limit(1)
     )
     if pk is None:
         raise NotFound(f"cycle {key.cycle_id!r} of {key.currency} has not been closed")
     yield from bulk.read_allocations(session, pk, account_id, rows_per_chunk)
 
 
-def _stored(session: Session, key: CycleKey) -> CycleSummary | None:
-    row = session.scalars(
-        select(models.Cycle).where(
-            models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id
-        )
-    ).one_or_none()
-    return None if row is None else _summary_of(row)
+def _stored(session: Session, key: CycleKey, version: int = 0) -> CycleSummary | None:
+    """The summary of the cycle's close `version` (0: its latest), or None."""
+    query = _with_reversal().where(
+        models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id
+    )
+    if version:
+        query = query.where(models.Cycle.version == version)
+    found = session.execute(query.order_by(models.Cycle.version.desc()).limit(1)).one_or_none()
+    return None if found is None else _summary_of(found[0], found[1] is not None)
 
 
-def _summary_of(row: models.Cycle) -> CycleSummary:
+def _with_reversal() -> Select[models.Cycle, int]:
+    """Cycle rows, each with its reversal's key (None while the close is in force)."""
+    return select(models.Cycle, models.CycleReversal.cycle_pk).outerjoin(
+        models.CycleReversal, models.CycleReversal.cycle_pk == models.Cycle.id
+    )
+
+
+def _summary_of(row: models.Cycle, reversed: bool) -> CycleSummary:
     return CycleSummary(
         cycle_id=row.cycle_id,
         currency=row.currency,
-        state=CycleState.CLOSED,
+        state=CycleState.REVERSED if reversed else CycleState.CLOSED,
         loss_total=row.loss_total,
         fund_balance_before=row.fund_balance_before,
         fund_share=row.fund_share,
@@ -309,6 +456,7 @@ def _summary_of(row: models.Cycle) -> CycleSummary:
         coverage_ratio=row.coverage_ratio,
         closed_at_us=row.closed_at_us,
         ranking=Ranking(row.ranking),
+        version=row.version,
     )
 
 
@@ -340,6 +488,7 @@ def _summary(
     coverage_ratio: str,
     closed_at_us: int,
     ranking: Ranking,
+    version: int = 0,
 ) -> CycleSummary:
     return CycleSummary(
         cycle_id=key.cycle_id,
@@ -364,6 +513,7 @@ def _summary(
         coverage_ratio=coverage_ratio,
         closed_at_us=closed_at_us,
         ranking=ranking,
+        version=version,
     )
 
 
@@ -382,14 +532,15 @@ class CyclePage:
 
 
 def list_cycles(session: Session, currency: str, page_size: int, page_token: str) -> CyclePage:
-    """The currency's closed cycles, newest first, in pages; the token is the last cycle's
-    (closed_at_us, id) as "<closed_at_us>.<id>"."""
+    """The currency's cycle closes (a reversed one and the close after it each appear), newest
+    first, in pages; the token is the last close's (closed_at_us, id) as
+    "<closed_at_us>.<id>"."""
     get_currency(session, currency)
     if page_size < 0 or page_size > PAGE_SIZE_MAX:
         raise InvalidArgument("page_size", page_size, f"must be 0 to {PAGE_SIZE_MAX}")
     size = page_size or PAGE_SIZE_DEFAULT
     query = (
-        select(models.Cycle)
+        _with_reversal()
         .where(models.Cycle.currency == currency)
         .order_by(models.Cycle.closed_at_us.desc(), models.Cycle.id.desc())
         .limit(size + 1)
@@ -400,10 +551,10 @@ def list_cycles(session: Session, currency: str, page_size: int, page_token: str
             (models.Cycle.closed_at_us < closed_at)
             | ((models.Cycle.closed_at_us == closed_at) & (models.Cycle.id < pk))
         )
-    rows = list(session.scalars(query))
+    rows = list(session.execute(query))
     page = rows[:size]
-    token = f"{page[-1].closed_at_us}.{page[-1].id}" if len(rows) > size else ""
-    return CyclePage([_summary_of(row) for row in page], token)
+    token = f"{page[-1][0].closed_at_us}.{page[-1][0].id}" if len(rows) > size else ""
+    return CyclePage([_summary_of(row, pk is not None) for row, pk in page], token)
 
 
 def _page_token(token: str) -> tuple[int, int]:

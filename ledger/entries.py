@@ -1,7 +1,8 @@
 """Reading the journal of one account, newest first, in pages.
 
-Allocation flows live in their own compact table (see db/models.Allocation) and are merged
-in here, so a reader sees one journal.
+Allocation flows and their reversals live in their own compact tables (see
+db/models.Allocation and AllocationReversal) and are merged in here, so a reader sees one
+journal.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Result, literal, select
 from sqlalchemy.orm import Session
 
 from ledger.currency import get_currency
@@ -57,6 +58,7 @@ def list_entries(
     ]
     if kind in (None, EntryKind.ALLOCATION):
         sources.append(_allocation_rows(session, currency, account, before, size + 1))
+        sources.append(_reversal_rows(session, currency, account, before, size + 1))
     merged = list(heapq.merge(*sources, key=lambda e: -e.entry_id))[: size + 1]
     has_more = len(merged) > size
     page = merged[:size]
@@ -104,29 +106,71 @@ def _allocation_rows(
     one's. For a user each visit is one seek on the allocations key (cycle, account,
     position).
     """
-    user_id = user_account_id(account)
-    if user_id is None and account != SYSTEM_LOSS:
-        return []
-    alloc, cycle = models.Allocation, models.Cycle
-    cycles = session.execute(
-        select(cycle.id, cycle.cycle_id, cycle.closed_at_us)
+    cycle = models.Cycle
+    blocks = session.execute(
+        select(cycle.id, cycle.cycle_id, cycle.closed_at_us, literal(""), literal(0))
         .where(cycle.currency == currency, cycle.allocation_first_entry_id < before)
         .order_by(cycle.allocation_first_entry_id.desc())
     )
+    return _block_rows(session, models.Allocation, blocks, currency, account, before, limit)
+
+
+def _reversal_rows(
+    session: Session, currency: str, account: str, before: int, limit: int
+) -> list[StoredEntry]:
+    """The reversed allocation flows of one account, newest first, the same way: each
+    reversal took one block of ids; its rows name the allocations they reverse."""
+    reversal, cycle = models.CycleReversal, models.Cycle
+    blocks = session.execute(
+        select(
+            reversal.cycle_pk,
+            reversal.cycle_id,
+            reversal.reversed_at_us,
+            reversal.reason,
+            cycle.allocation_first_entry_id - reversal.first_entry_id,
+        )
+        .join(cycle, cycle.id == reversal.cycle_pk)
+        .where(
+            reversal.currency == currency,
+            reversal.first_entry_id < before,
+            reversal.allocation_count > 0,
+        )
+        .order_by(reversal.first_entry_id.desc())
+    )
+    return _block_rows(session, models.AllocationReversal, blocks, currency, account, before, limit)
+
+
+def _block_rows(
+    session: Session,
+    table: type[models.Allocation] | type[models.AllocationReversal],
+    blocks: Result[int, str, int, str, int],
+    currency: str,
+    account: str,
+    before: int,
+    limit: int,
+) -> list[StoredEntry]:
+    """The rows of `table` in the blocks (cycle_pk, cycle_id, created_at_us, memo, and the
+    offset from a reversal row's entry id to the allocation's it reverses), newest first."""
+    user_id = user_account_id(account)
+    if user_id is None and account != SYSTEM_LOSS:
+        return []
     found: list[StoredEntry] = []
-    for cycle_pk, cycle_id, closed_at_us in cycles:
+    for cycle_pk, cycle_id, created_at_us, memo, offset in blocks:
         query = (
-            select(alloc)
-            .where(alloc.cycle_pk == cycle_pk, alloc.entry_id < before)
-            .order_by(alloc.entry_id.desc())
+            select(table)
+            .where(table.cycle_pk == cycle_pk, table.entry_id < before)
+            .order_by(table.entry_id.desc())
             .limit(limit - len(found))
         )
         if user_id is not None:
-            query = query.where(alloc.account_id == to_signed(user_id))
-        found.extend(
-            allocation_entry(currency, cycle_id, closed_at_us, row)
-            for row in session.scalars(query)
-        )
+            query = query.where(table.account_id == to_signed(user_id))
+        for row in session.scalars(query):
+            if isinstance(row, models.AllocationReversal):
+                found.append(
+                    allocation_reversal_entry(currency, cycle_id, created_at_us, memo, offset, row)
+                )
+            elif isinstance(row, models.Allocation):
+                found.append(allocation_entry(currency, cycle_id, created_at_us, row))
         if len(found) >= limit:
             break
     return found
@@ -145,4 +189,29 @@ def allocation_entry(
         created_at_us=closed_at_us,
         position_id=to_unsigned(row.position_id),
         pnl=row.pnl,
+    )
+
+
+def allocation_reversal_entry(
+    currency: str,
+    cycle_id: str,
+    reversed_at_us: int,
+    reason: str,
+    offset: int,
+    row: models.AllocationReversal,
+) -> StoredEntry:
+    """The reversal of an allocation flow: its amount back to the user, naming the
+    allocation's entry (this row's entry id + offset)."""
+    user = user_account(to_unsigned(row.account_id))
+    return StoredEntry(
+        entry_id=row.entry_id,
+        kind=EntryKind.ALLOCATION,
+        currency=currency,
+        reference=cycle_id,
+        postings=(Posting(SYSTEM_LOSS, -row.amount), Posting(user, row.amount)),
+        created_at_us=reversed_at_us,
+        memo=reason,
+        position_id=to_unsigned(row.position_id),
+        pnl=row.pnl,
+        reverses=row.entry_id + offset,
     )

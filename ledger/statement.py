@@ -148,10 +148,12 @@ class Keeper:
 
 
 def _cycle_pk(session: Session, key: cycle.CycleKey) -> int | None:
+    """The cycle's latest close (a cycle is closed again only after a reversal)."""
     return session.scalar(
-        select(models.Cycle.id).where(
-            models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id
-        )
+        select(models.Cycle.id)
+        .where(models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id)
+        .order_by(models.Cycle.version.desc())
+        .limit(1)
     )
 
 
@@ -268,10 +270,11 @@ def explain(session: Session, cycle_id: str, currency: str, position_id: int) ->
     if position_id < 0 or position_id >= 2**64:
         raise InvalidArgument("position_id", position_id, "must be a uint64")
     get_currency(session, key.currency)
-    row = session.scalars(
-        select(models.Cycle).where(
-            models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id
-        )
+    row = session.scalars(  # its latest close (reversed or not: the statement is the same)
+        select(models.Cycle)
+        .where(models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id)
+        .order_by(models.Cycle.version.desc())
+        .limit(1)
     ).one_or_none()
     name = f"cycle {key.cycle_id!r} of {key.currency}"
     if row is None:

@@ -26,6 +26,7 @@ from ledger.alloc import allocations_digest
 from ledger.db import audit
 from ledger.db.batch import BatchStatements
 from ledger.db.closes import cycle_fields
+from ledger.db.reversals import reversal_fields
 from ledger.errors import InvalidArgument, NotFound
 from ledger.journal import (
     INSURANCE_FUND,
@@ -90,9 +91,10 @@ class _Balances:
 
 def _verify_currency(session: Session, db: BatchStatements, currency: str, report: Report) -> None:
     cycles = audit.cycles(db, currency)
+    reversals = audit.reversals(db, currency)
     balances = _Balances()
     previous_hash, previous_seq, previous_name = journal.GENESIS_HASH, 0, "the chain's start"
-    for seq, name, kind, row in _links(audit.entries(db, currency), cycles):
+    for seq, name, kind, row in _links(audit.entries(db, currency), cycles, reversals):
         if kind == "entry":
             report.entries_checked += 1
             _check_entry(currency, row, report, balances)
@@ -108,13 +110,14 @@ def _verify_currency(session: Session, db: BatchStatements, currency: str, repor
                 f"{missing} link(s) of {currency}'s chain missing between {previous_name} "
                 f"and {name} (links {previous_seq + 1} to {seq - 1}): removed?"
             )
-        expected = (
-            journal.entry_hash(
+        if kind == "entry":
+            expected = journal.entry_hash(
                 previous_hash, seq, row.entry_id, _transfer(currency, row), row.created_at_us
             )
-            if kind == "entry"
-            else journal.cycle_hash(previous_hash, seq, cycle_fields(row))
-        )
+        elif kind == "cycle":
+            expected = journal.cycle_hash(previous_hash, seq, cycle_fields(row))
+        else:
+            expected = journal.cycle_hash(previous_hash, seq, reversal_fields(row))
         stored = row.hash if kind == "entry" else row["hash"]
         if stored != expected:
             report.problem(
@@ -135,8 +138,19 @@ def _verify_currency(session: Session, db: BatchStatements, currency: str, repor
             f"the head of {currency}'s chain does not hold the hash of its last link "
             f"{previous_seq} ({previous_name}): the head or that link was changed"
         )
+    reversal_of = {int(r["cycle_pk"]): r for r in reversals}
     for cycle in cycles:
-        report.entries_checked += _check_cycle(session, db, currency, cycle, report, balances)
+        reversal = reversal_of.pop(int(cycle["id"]), None)
+        report.entries_checked += _check_cycle(
+            session, db, currency, cycle, reversal, report, balances
+        )
+    for reversal in reversal_of.values():
+        report.problem(
+            f"{_reversal_name(reversal)} of {currency}: the close it reverses (cycle row "
+            f"{reversal['cycle_pk']}) is not there (removed?)"
+        )
+    _check_versions(currency, cycles, set(int(r["cycle_pk"]) for r in reversals), report)
+    _check_close_entries(db, currency, cycles, reversals, report)
     _check_cached(db, currency, balances, report)
     for liquidation_id, what in audit.broken_liquidations(db, currency):
         report.problem(f"liquidation {liquidation_id!r} of {currency}: {what}")
@@ -148,23 +162,43 @@ def _verify_currency(session: Session, db: BatchStatements, currency: str, repor
 
 
 def _links(
-    entries: Iterator[audit.EntryRow], cycles: list[dict[str, Any]]
+    entries: Iterator[audit.EntryRow],
+    cycles: list[dict[str, Any]],
+    reversals: list[dict[str, Any]],
 ) -> Iterator[tuple[int, str, str, Any]]:
-    """Entries and cycle closes merged in chain order: (seq, name, kind, row)."""
-    pending = sorted(cycles, key=lambda c: (int(c["chain_seq"]), int(c["id"])))
+    """Entries, cycle closes and their reversals merged in chain order: (seq, name, kind,
+    row)."""
+    pending = sorted(
+        [(int(c["chain_seq"]), 0, int(c["id"]), _cycle_name(c), "cycle", c) for c in cycles]
+        + [
+            (int(r["chain_seq"]), 1, int(r["cycle_pk"]), _reversal_name(r), "reversal", r)
+            for r in reversals
+        ],
+        key=lambda link: link[:3],
+    )
     index = 0
     for entry in entries:
-        while index < len(pending) and int(pending[index]["chain_seq"]) < entry.chain_seq:
-            cycle = pending[index]
-            yield int(cycle["chain_seq"]), _cycle_name(cycle), "cycle", cycle
+        while index < len(pending) and pending[index][0] < entry.chain_seq:
+            seq, _, _, name, kind, row = pending[index]
+            yield seq, name, kind, row
             index += 1
         yield entry.chain_seq, f"entry {entry.entry_id}", "entry", entry
-    for cycle in pending[index:]:
-        yield int(cycle["chain_seq"]), _cycle_name(cycle), "cycle", cycle
+    for seq, _, _, name, kind, row in pending[index:]:
+        yield seq, name, kind, row
 
 
 def _cycle_name(cycle: dict[str, Any]) -> str:
-    return f"the close of cycle {cycle['cycle_id']!r}"
+    version = int(cycle.get("version", 1))
+    return f"the close of cycle {cycle['cycle_id']!r}" + (
+        f" (version {version})" if version != 1 else ""
+    )
+
+
+def _reversal_name(reversal: dict[str, Any]) -> str:
+    version = int(reversal["version"])
+    return f"the reversal of cycle {reversal['cycle_id']!r}" + (
+        f" (close version {version})" if version != 1 else ""
+    )
 
 
 def _transfer(currency: str, row: audit.EntryRow) -> Transfer:
@@ -212,10 +246,12 @@ def _check_cycle(
     db: BatchStatements,
     currency: str,
     cycle: dict[str, Any],
+    reversal: dict[str, Any] | None,
     report: Report,
     balances: _Balances,
 ) -> int:
-    """Checks one closed cycle; returns the allocation rows checked."""
+    """Checks one close of a cycle, and its reversal if it has one; returns the allocation
+    rows checked."""
     name = f"{_cycle_name(cycle)} of {currency}"
     loss, paid, allocated, uncovered = (
         int(cycle[k]) for k in ("loss_total", "fund_paid", "allocated_total", "uncovered")
@@ -225,16 +261,10 @@ def _check_cycle(
             f"{name}: fund paid {paid} + allocated {allocated} + uncovered {uncovered} is not "
             f"its loss {loss}: its system loss does not net to zero"
         )
-    recorded = audit.cycle_loss(db, currency, str(cycle["cycle_id"]))
-    if recorded != loss:
-        report.problem(f"{name}: its liquidations lost {recorded}, its summary says {loss}")
-    own = audit.cycle_entries(db, currency, str(cycle["cycle_id"]))
-    for kind, amount in ((EntryKind.INSURANCE_COVER, paid), (EntryKind.UNCOVERED_LOSS, uncovered)):
-        posted = [a for _, k, a in own if k == kind]
-        if posted != ([amount] if amount else []):
-            report.problem(
-                f"{name}: its {kind.name} entries are {posted}, its summary says {amount}"
-            )
+    if reversal is None:  # a reversed close's loss was given back to the open cycle
+        recorded = audit.cycle_loss(db, currency, str(cycle["cycle_id"]))
+        if recorded != loss:
+            report.problem(f"{name}: its liquidations lost {recorded}, its summary says {loss}")
     rows = audit.allocations(session, int(cycle["id"]))
     count = len(rows.amount)
     first = int(cycle["allocation_first_entry_id"])
@@ -260,7 +290,156 @@ def _check_cycle(
         report.problem(f"{name}: {len(wrong_ids)} allocation rows have the wrong entry id")
     balances.credits[SYSTEM_LOSS] += total
     balances.balance[SYSTEM_LOSS] += total
+    if reversal is not None:
+        count += _check_reversal(session, currency, cycle, reversal, report, balances)
     return count
+
+
+def _check_reversal(
+    session: Session,
+    currency: str,
+    cycle: dict[str, Any],
+    reversal: dict[str, Any],
+    report: Report,
+    balances: _Balances,
+) -> int:
+    """A reversal's rows give back exactly the close's allocations: the same rows (their
+    digest is the close's), each its own entry id at the same rank of its block."""
+    name = f"{_reversal_name(reversal)} of {currency}"
+    for column in ("cycle_id", "version", "allocations_digest"):
+        if reversal[column] != cycle[column]:
+            report.problem(
+                f"{name}: its {column} {reversal[column]!r} is not that of the close it "
+                f"reverses ({cycle[column]!r})"
+            )
+    rows = audit.allocation_reversals(session, int(reversal["cycle_pk"]))
+    count = len(rows.amount)
+    digest = allocations_digest(rows.position_id, rows.account_id, rows.pnl, rows.amount)
+    if digest != reversal["allocations_digest"] or count != int(reversal["allocation_count"]):
+        report.problem(
+            f"{name}: its {count} reversal rows do not give back the close's allocations "
+            "(changed, removed or added rows)"
+        )
+    first = int(reversal["first_entry_id"])
+    wrong_ids = np.flatnonzero(rows.entry_id != np.arange(first, first + count, dtype=np.int64))
+    if len(wrong_ids):
+        report.problem(f"{name}: {len(wrong_ids)} reversal rows have the wrong entry id")
+    bad = np.flatnonzero(rows.amount <= 0)
+    if len(bad):
+        report.problem(f"{name}: {len(bad)} reversal rows have an amount not above zero")
+    total = int(rows.amount.sum(dtype=np.int64)) if count else 0
+    balances.debits[SYSTEM_LOSS] += total
+    balances.balance[SYSTEM_LOSS] -= total
+    return count
+
+
+def _check_versions(
+    currency: str, cycles: list[dict[str, Any]], reversed_pks: set[int], report: Report
+) -> None:
+    """A cycle's closes are versions 1, 2, … and every one but the latest is reversed."""
+    by_cycle: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cycle in cycles:
+        by_cycle[str(cycle["cycle_id"])].append(cycle)
+    for cycle_id, closes in by_cycle.items():
+        closes.sort(key=lambda c: int(c["version"]))
+        versions = [int(c["version"]) for c in closes]
+        if versions != list(range(1, len(closes) + 1)):
+            report.problem(f"cycle {cycle_id!r} of {currency} has close versions {versions}")
+        for close in closes[:-1]:
+            if int(close["id"]) not in reversed_pks:
+                report.problem(
+                    f"{_cycle_name(close)} of {currency} is not reversed, yet the cycle was "
+                    "closed again after it"
+                )
+
+
+def _check_close_entries(
+    db: BatchStatements,
+    currency: str,
+    cycles: list[dict[str, Any]],
+    reversals: list[dict[str, Any]],
+    report: Report,
+) -> None:
+    """Each close posted its cover and its uncovered rest once, as its summary says (the
+    cycle's entries that reverse nothing, in id order, are those of its closes in version
+    order); a reversed close's are each reversed once, and a close in force's are not."""
+    reversed_pks = {int(r["cycle_pk"]) for r in reversals}
+    by_cycle: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cycle in cycles:
+        by_cycle[str(cycle["cycle_id"])].append(cycle)
+    for cycle_id, closes in by_cycle.items():
+        own = audit.cycle_entries(db, currency, cycle_id)
+        originals = [e for e in own if e.reverses == 0]
+        reversed_by: defaultdict[int, list[audit.CloseEntry]] = defaultdict(list)
+        for entry in own:
+            if entry.reverses:
+                reversed_by[entry.reverses].append(entry)
+        for close in sorted(closes, key=lambda c: int(c["version"])):
+            name = f"{_cycle_name(close)} of {currency}"
+            for kind, column in (
+                (EntryKind.INSURANCE_COVER, "fund_paid"),
+                (EntryKind.UNCOVERED_LOSS, "uncovered"),
+            ):
+                amount = int(close[column])
+                taken = []
+                if amount and originals and originals[0].kind == kind:
+                    taken = [originals.pop(0)]
+                posted = [e.amount for e in taken]
+                if posted != ([amount] if amount else []):
+                    report.problem(
+                        f"{name}: its {kind.name} entries are {posted}, its summary says {amount}"
+                    )
+                for entry in taken:
+                    _check_reversed(
+                        name,
+                        entry,
+                        reversed_by.pop(entry.entry_id, []),
+                        int(close["id"]) in reversed_pks,
+                        report,
+                    )
+        for entry in originals:
+            report.problem(
+                f"entry {entry.entry_id} of {currency} ({EntryKind(entry.kind).name} of cycle "
+                f"{cycle_id!r}) belongs to no close of the cycle"
+            )
+        for entry_id, entries in reversed_by.items():
+            for entry in entries:
+                report.problem(
+                    f"entry {entry.entry_id} of {currency} reverses entry {entry_id}, which is "
+                    f"no close's entry of cycle {cycle_id!r}"
+                )
+
+
+def _check_reversed(
+    name: str,
+    entry: audit.CloseEntry,
+    reversals: list[audit.CloseEntry],
+    close_reversed: bool,
+    report: Report,
+) -> None:
+    if not close_reversed:
+        if reversals:
+            report.problem(
+                f"{name}: its entry {entry.entry_id} is reversed by entry "
+                f"{reversals[0].entry_id}, yet the close is in force"
+            )
+        return
+    if len(reversals) != 1:
+        report.problem(
+            f"{name}: its entry {entry.entry_id} is reversed {len(reversals)} times, not once"
+        )
+        return
+    (reversal,) = reversals
+    if (reversal.kind, reversal.amount, reversal.debit, reversal.credit) != (
+        entry.kind,
+        entry.amount,
+        entry.credit,
+        entry.debit,
+    ):
+        report.problem(
+            f"{name}: entry {reversal.entry_id} does not reverse its entry {entry.entry_id} "
+            f"({reversal.amount} from {reversal.debit} to {reversal.credit})"
+        )
 
 
 def _check_cached(db: BatchStatements, currency: str, balances: _Balances, report: Report) -> None:

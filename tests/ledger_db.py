@@ -19,6 +19,8 @@ TABLES = (
     "liquidations",
     "cycles",
     "allocations",
+    "cycle_reversals",
+    "allocation_reversals",
 )
 
 
@@ -53,7 +55,8 @@ def snapshot(database_url: str) -> dict[str, object]:
 
 
 def balances_from_journal(database_url: str) -> dict[tuple[str, str], int]:
-    """Every account's balance recomputed from the raw journal rows (entries + allocations)."""
+    """Every account's balance recomputed from the raw journal rows (entries, allocations and
+    their reversals)."""
     engine = create_engine(database_url)
     totals: defaultdict[tuple[str, str], int] = defaultdict(int)
     try:
@@ -72,6 +75,15 @@ def balances_from_journal(database_url: str) -> dict[tuple[str, str], int]:
                 user = f"user:{account_id + (1 << 64) if account_id < 0 else account_id}"
                 totals[(currency, user)] -= amount
                 totals[(currency, "system_loss")] += amount
+            for currency, account_id, amount in conn.execute(
+                text(
+                    "SELECT c.currency, a.account_id, a.amount FROM allocation_reversals a "
+                    "JOIN cycle_reversals c ON c.cycle_pk = a.cycle_pk"
+                )
+            ):
+                user = f"user:{account_id + (1 << 64) if account_id < 0 else account_id}"
+                totals[(currency, user)] += amount
+                totals[(currency, "system_loss")] -= amount
     finally:
         engine.dispose()
     return dict(totals)

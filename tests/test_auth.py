@@ -249,6 +249,15 @@ CALLS = [
         ),
     ),
     Call(
+        "Admin.ReverseCycle",
+        "Admin",
+        NOT_FOUND,
+        False,
+        lambda c, k: c.admin.ReverseCycle(
+            pb.ReverseCycleRequest(cycle_id=f"none-{k}", currency="USDT"), timeout=CALL_SECONDS
+        ),
+    ),
+    Call(
         "Clearing.RecordLiquidation",
         "Clearing",
         OK,

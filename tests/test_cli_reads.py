@@ -157,3 +157,25 @@ def test_cycles_listed_and_explained(server: LedgerServer, rpc: Client) -> None:
     assert ran.code == 1 and "ledger: NOT_FOUND: position 9" in ran.err, ran
     ran = ledger(port, "cycle", "explain", "c1", "--currency", "USD", "--position", "-1")
     assert ran.code == 2, ran
+
+
+def test_a_cycle_reversed_and_closed_again(server: LedgerServer, rpc: Client) -> None:
+    usd_market(rpc)
+    port = server.port
+    loss(rpc, "L1", "c1", 10_000)
+    rows = cs.Positions.of([(1, 11, 6_000), (2, 12, 3_000), (3, 13, 900), (4, 14, -50)])
+    cs.close(rpc.channel, "c1", "USD", rows)
+    ran = ledger(port, "cycle", "reverse", "c1", "--currency", "USD", "--reason", "wrong file")
+    assert ran.code == 0, ran
+    assert "REVERSED" in ran.out and "80.00" in ran.out, ran  # the allocated total given back
+    reversed_ = rpc.query.GetCycle(pb.GetCycleRequest(cycle_id="c1", currency="USD"))
+    assert reversed_.state == pb.CYCLE_STATE_REVERSED
+    again = single(port, "cycle", "reverse", "c1", "--currency", "USD", "--reason", "again")
+    assert again == as_json(reversed_)  # a repeat: the same summary
+    cs.close(rpc.channel, "c1", "USD", rows)
+    ran = ledger(port, "cycle", "list", "--currency", "USD")
+    assert ran.code == 0 and "REVERSED" in ran.out and "CLOSED" in ran.out, ran
+    shown = single(port, "cycle", "show", "c1", "--currency", "USD", "--version", "1")
+    assert shown == as_json(reversed_)
+    ran = ledger(port, "cycle", "reverse", "c9", "--currency", "USD", "--reason", "typo")
+    assert ran.code == 1 and "ledger: NOT_FOUND: " in ran.err, ran

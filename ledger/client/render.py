@@ -277,11 +277,13 @@ def liquidation(reply: pb.Liquidation, scale: int) -> Table:
 def cycles(pages: Sequence[pb.ListCyclesResponse], currency: str, scale: int) -> Table:
     return rows_table(
         f"Closed cycles of {currency}, newest first",
-        ("cycle", "closed at", "loss", "fund paid", "allocated", "uncovered", "participants",
-         "allocation rate"),
+        ("cycle", "version", "state", "closed at", "loss", "fund paid", "allocated",
+         "uncovered", "participants", "allocation rate"),
         (
             (
                 c.cycle_id,
+                str(c.version),
+                enum_name(pb.CycleState, c.state, "CYCLE_STATE_"),
                 timestamp(c.closed_at),
                 show(c.loss_total, scale),
                 show(c.fund_paid, scale),

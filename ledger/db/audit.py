@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from ledger.db import bulk
 from ledger.db.batch import BatchStatements
 from ledger.db.closes import CYCLE_HASHED_COLUMNS
+from ledger.db.reversals import REVERSAL_HASHED_COLUMNS
 
 ENTRIES_PER_PAGE = 50_000
 
@@ -68,7 +69,7 @@ def entries(db: BatchStatements, currency: str) -> Iterator[EntryRow]:
 
 def cycles(db: BatchStatements, currency: str) -> list[dict[str, Any]]:
     """The currency's closed cycles with every column the checks need, in chain order."""
-    names = ("id", "chain_seq", "hash", *CYCLE_HASHED_COLUMNS, "ranking")
+    names = ("id", "chain_seq", "hash", *CYCLE_HASHED_COLUMNS, "ranking", "version")
     rows = db.execute(
         f"SELECT {', '.join(names)} FROM cycles WHERE currency = ? ORDER BY chain_seq, id",
         (currency,),
@@ -76,8 +77,23 @@ def cycles(db: BatchStatements, currency: str) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in rows]
 
 
+def reversals(db: BatchStatements, currency: str) -> list[dict[str, Any]]:
+    """The currency's cycle reversals with every column, in chain order."""
+    names = ("cycle_pk", "chain_seq", "hash", *REVERSAL_HASHED_COLUMNS)
+    rows = db.execute(
+        f"SELECT {', '.join(names)} FROM cycle_reversals WHERE currency = ?"
+        " ORDER BY chain_seq, cycle_pk",
+        (currency,),
+    ).fetchall()
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
 def allocations(session: Session, cycle_pk: int) -> bulk.AllocationTable:
     return bulk.read_allocation_table(session, cycle_pk)
+
+
+def allocation_reversals(session: Session, cycle_pk: int) -> bulk.AllocationTable:
+    return bulk.read_allocation_table(session, cycle_pk, table="allocation_reversals")
 
 
 def cycle_loss(db: BatchStatements, currency: str, cycle_id: str) -> int:
@@ -91,14 +107,24 @@ def cycle_loss(db: BatchStatements, currency: str, cycle_id: str) -> int:
     return int(row[0])
 
 
-def cycle_entries(db: BatchStatements, currency: str, cycle_id: str) -> list[tuple[int, int, int]]:
-    """The cycle close's own entries: (id, kind, amount) of its cover and uncovered rest."""
+class CloseEntry(NamedTuple):
+    entry_id: int
+    kind: int
+    amount: int
+    debit: str
+    credit: str
+    reverses: int
+
+
+def cycle_entries(db: BatchStatements, currency: str, cycle_id: str) -> list[CloseEntry]:
+    """The entries of the cycle's closes and reversals: its covers and uncovered rests, and
+    their reversals, in id order."""
     rows = db.execute(
-        "SELECT id, kind, amount FROM entries WHERE currency = ? AND reference = ?"
-        " AND kind IN (5, 7) ORDER BY id",
+        "SELECT id, kind, amount, debit_account, credit_account, reverses FROM entries"
+        " WHERE currency = ? AND reference = ? AND kind IN (5, 7) ORDER BY id",
         (currency, cycle_id),
     ).fetchall()
-    return [(int(a), int(b), int(c)) for a, b, c in rows]
+    return [CloseEntry(int(a), int(b), int(c), str(d), str(e), int(f)) for a, b, c, d, e, f in rows]
 
 
 def cached_accounts(db: BatchStatements, currency: str) -> list[tuple[str, int, int, int]]:

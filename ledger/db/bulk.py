@@ -197,24 +197,29 @@ class AllocationTable:
     entry_id: npt.NDArray[np.int64]
 
 
-def read_allocation_table(session: Session, cycle_pk: int) -> AllocationTable:
-    """Every allocation row with the cycle_pk, as stored (VerifyLedger's read)."""
-    table = _read(session, (*_READ_COLUMNS, "entry_id"), f"cycle_pk = {int(cycle_pk)}")
-    order = np.argsort(table["position_id"].view(np.uint64), kind="stable")
+def read_allocation_table(
+    session: Session, cycle_pk: int, table: str = "allocations"
+) -> AllocationTable:
+    """Every row with the cycle_pk of `allocations` (or of `allocation_reversals`, the same
+    shape), as stored (VerifyLedger's read)."""
+    if table not in ("allocations", "allocation_reversals"):
+        raise ValueError(f"not a table of allocation rows: {table!r}")
+    read = _read(session, (*_READ_COLUMNS, "entry_id"), f"cycle_pk = {int(cycle_pk)}", table)
+    order = np.argsort(read["position_id"].view(np.uint64), kind="stable")
     return AllocationTable(
-        table["position_id"][order].view(np.uint64),
-        table["account_id"][order].view(np.uint64),
-        table["pnl"][order],
-        table["amount"][order],
-        table["entry_id"][order],
+        read["position_id"][order].view(np.uint64),
+        read["account_id"][order].view(np.uint64),
+        read["pnl"][order],
+        read["amount"][order],
+        read["entry_id"][order],
     )
 
 
 def _read(
-    session: Session, columns: tuple[str, ...], where: str
+    session: Session, columns: tuple[str, ...], where: str, table: str = "allocations"
 ) -> dict[str, npt.NDArray[np.int64]]:
     """int8 columns of the allocation rows that match, by the backend's fastest path."""
-    query = f"SELECT {', '.join(columns)} FROM allocations WHERE {where}"
+    query = f"SELECT {', '.join(columns)} FROM {table} WHERE {where}"
     connection = driver_connection(session)
     if session.get_bind().dialect.name == "postgresql":
         return _copy_out(connection, query, columns)

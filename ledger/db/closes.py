@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from ledger.alloc import Ranking
-from ledger.db import bulk, models, store
+from ledger.db import bulk, models, reversals, store
 from ledger.db.batch import BatchStatements, Insert, Query
 from ledger.db.liquidations import cycle_loss_total
 from ledger.db.session import BULK_STATEMENT_TIMEOUT_SECONDS, Database, SqliteWriter
@@ -65,6 +65,7 @@ class Basis:
     insurance_share: str
     coverage_ratio: str
     ranking: Ranking = Ranking.POSITION
+    version: int = 1  # the close's version: one more than the cycle's latest (reversed) close
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +176,11 @@ def finish(db: BatchStatements, plan: ClosePlan, cycle_pk: int, first_entry_id: 
     """The close's last step, in its transaction: lock the currency's rows, check that the
     inputs still hold, post the cover and the uncovered rest, and write the cycle row."""
     accounts = lock(db, plan.currency)
-    closed = db.execute(
-        "SELECT 1 FROM cycles WHERE currency = ? AND cycle_id = ?", (plan.currency, plan.cycle_id)
-    ).fetchall()
-    if closed:
+    latest = reversals.latest_close(db, plan.currency, plan.cycle_id)
+    if latest is not None and not latest.reversed:
         raise ClosedMeanwhile(plan.cycle_id)
+    if (0 if latest is None else latest.version) + 1 != plan.basis.version:
+        raise Stale(f"cycle {plan.cycle_id!r} of {plan.currency} was closed and reversed meanwhile")
     loss = cycle_loss_total(db, plan.currency, plan.cycle_id)
     ((version,),) = db.execute(
         "SELECT max(version) FROM policies WHERE currency = ?", (plan.currency,)
@@ -249,10 +250,14 @@ CYCLE_HASHED_COLUMNS = (
 
 def cycle_fields(row: dict[str, Any]) -> list[object]:
     """A cycle row's hashed fields (widened as a bool: SQLite stores it as 0 or 1), then its
-    ranking unless it ranked positions: the links written before rankings existed stay
-    valid, and a ranking changed either way changes the link."""
+    ranking unless it ranked positions, and ranking and version for a close after the first:
+    the links written before rankings and versions existed stay valid, a ranking or version
+    changed either way changes the link, and the field counts tell the three forms apart."""
     fields = [bool(row[n]) if n == "widened" else row[n] for n in CYCLE_HASHED_COLUMNS]
     ranking = int(row.get("ranking", Ranking.POSITION))
+    version = int(row.get("version", 1))
+    if version != 1:
+        return [*fields, ranking, version]
     return fields if ranking == Ranking.POSITION else [*fields, ranking]
 
 

@@ -31,7 +31,11 @@ _SELECT_PREVIOUS = (
     "SELECT liquidation_id, request_hash, currency, engine_result, outcome, fund_balance_after,"
     " entry_id FROM liquidations WHERE liquidation_id {}"
 )
-_SELECT_CLOSED = "SELECT currency, cycle_id FROM cycles WHERE cycle_id {}"
+# A cycle is closed while a close of it is in force: one that has no reversal.
+_IN_FORCE = "NOT EXISTS (SELECT 1 FROM cycle_reversals r WHERE r.cycle_pk = c.id)"
+_SELECT_CLOSED = (
+    f"SELECT c.currency, c.cycle_id FROM cycles c WHERE {_IN_FORCE} AND c.cycle_id {{}}"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +127,7 @@ _OPEN_CYCLES = (
     " ELSE 0 END), 0), count(*), min(l.created_at_us), max(l.created_at_us)"
     " FROM liquidations l WHERE {} AND l.reversal_entry_id IS NULL AND NOT EXISTS"
     " (SELECT 1 FROM cycles c"
-    " WHERE c.currency = l.currency AND c.cycle_id = l.cycle_id)"
+    f" WHERE c.currency = l.currency AND c.cycle_id = l.cycle_id AND {_IN_FORCE})"
     " GROUP BY l.currency, l.cycle_id ORDER BY l.currency, min(l.created_at_us), l.cycle_id"
 )
 
@@ -147,6 +151,15 @@ def set_reversed(db: BatchStatements, liquidation_id: str, reversal_entry_id: in
 
 def is_closed(db: BatchStatements, currency: str, cycle_id: str) -> bool:
     row = db.execute(
-        "SELECT 1 FROM cycles WHERE currency = ? AND cycle_id = ?", (currency, cycle_id)
+        f"SELECT 1 FROM cycles c WHERE c.currency = ? AND c.cycle_id = ? AND {_IN_FORCE}",
+        (currency, cycle_id),
+    ).fetchone()
+    return row is not None
+
+
+def has_liquidations(db: BatchStatements, currency: str, cycle_id: str) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM liquidations WHERE currency = ? AND cycle_id = ? LIMIT 1",
+        (currency, cycle_id),
     ).fetchone()
     return row is not None

@@ -182,10 +182,11 @@ class Liquidation(Base):
 
 
 class Cycle(Base):
-    """A closed cycle and its summary; its existence is the mark that the cycle is closed."""
+    """A close of a cycle and its summary. The cycle is closed while its latest close has no
+    reversal (CycleReversal); a reversed cycle may be closed again, as the next version."""
 
     __tablename__ = "cycles"
-    __table_args__ = (UniqueConstraint("currency", "cycle_id"),)
+    __table_args__ = (UniqueConstraint("currency", "cycle_id", "version"),)
 
     # BIGINT like every column of an allocation row (binary COPY needs one width); INTEGER on
     # SQLite so that it stays the rowid.
@@ -213,6 +214,8 @@ class Cycle(Base):
     coverage_ratio: Mapped[str] = mapped_column(String(40))
     policy_version: Mapped[int] = mapped_column(Integer)
     ranking: Mapped[int] = mapped_column(SmallInteger, server_default="1")
+    # 1 for a cycle's first close, one more for each close after a reversal.
+    version: Mapped[int] = mapped_column(Integer, server_default="1")
     allocation_first_entry_id: Mapped[int] = mapped_column(BigInteger)
     closed_at_us: Mapped[int] = mapped_column(BigInteger)
     # The digest of its allocation rows (alloc.allocations_digest), and its chain link.
@@ -237,6 +240,50 @@ class Allocation(Base):
     """
 
     __tablename__ = "allocations"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        {"sqlite_with_rowid": False},
+    )
+
+    cycle_pk: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    position_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    pnl: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    entry_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class CycleReversal(Base):
+    """The reversal of one close (ReverseCycle): its existence is the mark that the close is
+    no longer in force. Its entries are the reversals of the close's cover and uncovered rest
+    (in the journal, `reverses` naming them) and one AllocationReversal row per allocation;
+    it is a link of the currency's chain like the close itself."""
+
+    __tablename__ = "cycle_reversals"
+
+    cycle_pk: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    currency: Mapped[str] = mapped_column(ForeignKey("currencies.code"))
+    cycle_id: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    reversed_at_us: Mapped[int] = mapped_column(BigInteger)
+    # The allocation reversal rows' entry ids: first_entry_id + the rank of the row's
+    # allocation among the close's (so the row of allocation entry_id e has
+    # e - allocation_first_entry_id + first_entry_id).
+    first_entry_id: Mapped[int] = mapped_column(BigInteger)
+    allocation_count: Mapped[int] = mapped_column(BigInteger)
+    # The digest of its rows (equal to the close's allocations_digest), and its chain link.
+    allocations_digest: Mapped[str] = mapped_column(String(64))
+    chain_seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AllocationReversal(Base):
+    """One reversed ALLOCATION flow: `amount` back from system_loss to user:<account_id>,
+    the entry `entry_id`, which reverses the allocation of the same (cycle, account,
+    position). The same compact, clustered shape as Allocation, written in bulk from it."""
+
+    __tablename__ = "allocation_reversals"
     __table_args__ = (
         CheckConstraint("amount > 0", name="amount_positive"),
         {"sqlite_with_rowid": False},

@@ -1,10 +1,11 @@
-"""insurance.v1.Admin: currencies, contracts, policy and fund transfers (operators)."""
+"""insurance.v1.Admin: currencies, contracts, policy, fund transfers and corrections
+(operators)."""
 
 from __future__ import annotations
 
 import grpc
 
-from ledger import currency, fund, liquidation
+from ledger import currency, cycle, fund, liquidation
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.api.v1 import insurance_pb2_grpc as pb_grpc
 from ledger.db.session import Database
@@ -69,3 +70,9 @@ class AdminService(pb_grpc.AdminServicer):
         with self._db.write() as session:
             entry = liquidation.reverse(session, request.liquidation_id, request.reason)
         return convert.entry(entry)
+
+    def ReverseCycle(
+        self, request: pb.ReverseCycleRequest, context: grpc.ServicerContext
+    ) -> pb.CycleSummary:
+        key = cycle.check_header(request.cycle_id, request.currency)
+        return convert.cycle_summary(cycle.reverse(self._db, key, request.reason))

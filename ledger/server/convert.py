@@ -7,7 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ledger import money
 from ledger.api.v1 import insurance_pb2 as pb
 from ledger.currency import ContractView, CurrencyView, PolicyView
-from ledger.cycle import CycleState, CycleSummary, OpenCycle
+from ledger.cycle import CycleSummary, OpenCycle
 from ledger.db.store import StoredEntry
 from ledger.fund import FundView
 from ledger.liquidation import LiquidationRecord
@@ -89,7 +89,7 @@ def cycle_summary(view: CycleSummary) -> pb.CycleSummary:
         input_digest=view.input_digest,
         insurance_share=view.insurance_share,
         coverage_ratio=view.coverage_ratio,
-        version=1 if view.state == CycleState.CLOSED else 0,
+        version=view.version,
         allocation_rate=money.rate(view.allocated_total, view.participant_profit),
         ranking=int(view.ranking),  # type: ignore[arg-type]
     )

@@ -1,0 +1,103 @@
+"""Writing a cycle's reversal: its allocation reversal rows, in bulk, and its record.
+
+The rows are made by the database from the close's own allocation rows, one INSERT … SELECT
+that reads them in the clustered key's order and so only ever appends (nothing goes through
+Python): each row keeps its allocation's key, pnl and amount, and takes the entry id at the
+same rank in the reversal's block. The reversal record, written in the same transaction, is
+what makes them count, and is a link of the currency's chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ledger.db import models
+from ledger.db.batch import BatchStatements, Insert
+from ledger.db.store import ChainHeads
+
+REVERSALS = models.Base.metadata.tables["cycle_reversals"]
+
+# The reversal record's columns its chain link hashes, in order (after the tag "reversal").
+REVERSAL_HASHED_COLUMNS = (
+    "currency",
+    "cycle_id",
+    "version",
+    "cycle_pk",
+    "reason",
+    "reversed_at_us",
+    "first_entry_id",
+    "allocation_count",
+    "allocations_digest",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRow:
+    """What a reversal needs of the close it reverses."""
+
+    pk: int
+    version: int
+    allocation_first_entry_id: int
+    allocations_digest: str
+    reversed: bool
+
+
+_CLOSE = (
+    "SELECT c.id, c.version, c.allocation_first_entry_id, c.allocations_digest,"
+    " EXISTS (SELECT 1 FROM cycle_reversals r WHERE r.cycle_pk = c.id)"
+    " FROM cycles c WHERE c.currency = ? AND c.cycle_id = ? ORDER BY c.version DESC LIMIT 1"
+)
+
+
+def latest_close(db: BatchStatements, currency: str, cycle_id: str) -> CloseRow | None:
+    row = db.execute(_CLOSE, (currency, cycle_id)).fetchone()
+    if row is None:
+        return None
+    return CloseRow(int(row[0]), int(row[1]), int(row[2]), str(row[3]), bool(row[4]))
+
+
+def allocation_count(db: BatchStatements, cycle_pk: int) -> int:
+    ((count,),) = db.execute(
+        "SELECT count(*) FROM allocations WHERE cycle_pk = ?", (cycle_pk,)
+    ).fetchall()
+    return int(count)
+
+
+_OWN_ENTRIES = (
+    "SELECT e.id FROM entries e WHERE e.currency = ? AND e.kind IN (5, 7) AND e.reference = ?"
+    " AND e.reverses = 0 AND NOT EXISTS (SELECT 1 FROM entries r WHERE r.currency = e.currency"
+    " AND r.kind = e.kind AND r.reference = e.reference AND r.reverses = e.id) ORDER BY e.id"
+)
+
+
+def unreversed_close_entries(db: BatchStatements, currency: str, cycle_id: str) -> list[int]:
+    """The ids of the cycle's INSURANCE_COVER and UNCOVERED_LOSS entries not yet reversed:
+    those of its close in force (every earlier close's were reversed with it)."""
+    return [int(row[0]) for row in db.execute(_OWN_ENTRIES, (currency, cycle_id)).fetchall()]
+
+
+_COPY_ROWS = (
+    "INSERT INTO allocation_reversals (cycle_pk, account_id, position_id, pnl, amount, entry_id)"
+    " SELECT cycle_pk, account_id, position_id, pnl, amount, entry_id + ? FROM allocations"
+    " WHERE cycle_pk = ? ORDER BY cycle_pk, account_id, position_id"
+)
+
+
+def write(
+    db: BatchStatements, heads: ChainHeads, close: CloseRow, record: dict[str, Any]
+) -> dict[str, Any]:
+    """The reversal rows and the record (`record` holds every column but the link, which is
+    taken here); returns the record as written. The caller writes the heads after."""
+    offset = int(record["first_entry_id"]) - close.allocation_first_entry_id
+    if record["allocation_count"]:
+        db.execute(_COPY_ROWS, (offset, close.pk))
+    row = dict(record)
+    row["chain_seq"], row["hash"] = heads.link_cycle(str(row["currency"]), reversal_fields(row))
+    db.write_together([Insert(REVERSALS, [[row[column.name] for column in REVERSALS.columns]])])
+    return row
+
+
+def reversal_fields(row: dict[str, Any]) -> list[object]:
+    """A reversal record's hashed fields, tagged so that no close's fields read the same."""
+    return ["reversal", *(row[name] for name in REVERSAL_HASHED_COLUMNS)]

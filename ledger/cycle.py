@@ -47,6 +47,7 @@ log = logging.getLogger("ledger.cycle")
 
 CLOSE_ATTEMPTS_MAX = 3
 REVERSE_ATTEMPTS_MAX = 3
+VERSION_MAX = 2**31 - 1  # the column's range (a uint32 asked beyond it names no close)
 
 
 class CycleState(enum.IntEnum):
@@ -244,9 +245,12 @@ def reverse(database: Database, key: CycleKey, reason: str) -> CycleSummary:
     next version. A repeat returns the same (reversed) summary.
 
     The allocation rows' entry ids are reserved first (on PostgreSQL in a transaction of
-    their own); the reversal itself then runs under the currency's rows, so no liquidation
-    or close of the currency comes between its check and its write. If the close moved
-    meanwhile (reversed by another call), the reversal looks again.
+    their own). On PostgreSQL the reversal rows are then written holding only the close's
+    cycle row, as the close writes its rows before it takes the currency's; the entries and
+    the record are written under the currency's rows, so no liquidation or close of the
+    currency comes between the last check and the write. SQLite has one writer: it does it
+    all in one transaction. If the close moved meanwhile (reversed by another call), the
+    reversal looks again.
     """
     if len(reason) > MEMO_LENGTH_MAX:
         raise InvalidArgument("reason", reason[:32] + "…", f"longer than {MEMO_LENGTH_MAX}")
@@ -266,46 +270,27 @@ def reverse(database: Database, key: CycleKey, reason: str) -> CycleSummary:
         if count and not database.is_sqlite:
             with database.write() as session:
                 first_id = store.reserve_entry_block(BatchStatements.of_session(session), count)
-        with database.write() as session:
-            db = BatchStatements.of_session(session)
-            accounts = closes.lock(db, key.currency)
-            if reversals.latest_close(db, key.currency, key.cycle_id) != close:
-                continue  # reversed (or reversed and closed again) meanwhile
-            if count and database.is_sqlite:
-                first_id = store.reserve_entry_block(db, count)
-            summary = _stored(session, key)
-            assert summary is not None and summary.state == CycleState.CLOSED
-            corrections = _corrections(session, db, key, summary, reason)
-            for correction in corrections:
-                refused = store.move(accounts, correction)
-                if refused is not None:
-                    raise refused
-            if summary.allocated_total:
-                refused = store.move_amount(
-                    accounts, key.currency, SYSTEM_LOSS, None, summary.allocated_total
-                )
-                if refused is not None:
-                    raise refused
-            reversed_at = now_us()
-            heads = store.read_heads(db, [key.currency])
-            store.append(db, accounts, heads, corrections, reversed_at)
-            reversals.write(
-                db,
-                heads,
-                close,
-                {
-                    "cycle_pk": close.pk,
-                    "currency": key.currency,
-                    "cycle_id": key.cycle_id,
-                    "version": close.version,
-                    "reason": reason,
-                    "reversed_at_us": reversed_at,
-                    "first_entry_id": first_id,
-                    "allocation_count": count,
-                    "allocations_digest": close.allocations_digest,
-                },
-            )
-            db.write_together(heads.writes())
+        try:
+            with database.write() as session:
+                db = BatchStatements.of_session(session)
+                if not database.is_sqlite:
+                    # The rows first, holding no row that a liquidation locks (as the close
+                    # does), only the close's: a second reversal of it waits here.
+                    if reversals.lock_close(db, close) != close:
+                        raise _Moved
+                    if count:
+                        reversals.copy_rows(db, close, first_id)
+                accounts = closes.lock(db, key.currency)
+                if reversals.latest_close(db, key.currency, key.cycle_id) != close:
+                    raise _Moved  # reversed (or reversed and closed again) meanwhile
+                if count and database.is_sqlite:
+                    first_id = store.reserve_entry_block(db, count)
+                    reversals.copy_rows(db, close, first_id)
+                summary = _stored(session, key)
+                assert summary is not None and summary.state == CycleState.CLOSED
+                _post_reversal(session, db, accounts, key, summary, close, first_id, count, reason)
+        except _Moved:
+            continue
         log.info(
             "reversed close %d of cycle %r of %s: %d allocations, reason %r",
             close.version,
@@ -319,6 +304,55 @@ def reverse(database: Database, key: CycleKey, reason: str) -> CycleSummary:
         f"cycle {key.cycle_id!r} of {key.currency} kept being reversed and closed again "
         "meanwhile; try again"
     )
+
+
+class _Moved(Exception):
+    """The close to reverse changed between the read and the locks."""
+
+
+def _post_reversal(
+    session: Session,
+    db: BatchStatements,
+    accounts: store.Accounts,
+    key: CycleKey,
+    summary: CycleSummary,
+    close: reversals.CloseRow,
+    first_id: int,
+    count: int,
+    reason: str,
+) -> None:
+    """Under the currency's rows: the reversal entries of the cover and the uncovered rest,
+    system_loss given back the allocated total, and the reversal's record (its chain link)."""
+    corrections = _corrections(session, db, key, summary, reason)
+    for correction in corrections:
+        refused = store.move(accounts, correction)
+        if refused is not None:
+            raise refused
+    if summary.allocated_total:
+        refused = store.move_amount(
+            accounts, key.currency, SYSTEM_LOSS, None, summary.allocated_total
+        )
+        if refused is not None:
+            raise refused
+    reversed_at = now_us()
+    heads = store.read_heads(db, [key.currency])
+    store.append(db, accounts, heads, corrections, reversed_at)
+    reversals.write_record(
+        db,
+        heads,
+        {
+            "cycle_pk": close.pk,
+            "currency": key.currency,
+            "cycle_id": key.cycle_id,
+            "version": close.version,
+            "reason": reason,
+            "reversed_at_us": reversed_at,
+            "first_entry_id": first_id,
+            "allocation_count": count,
+            "allocations_digest": close.allocations_digest,
+        },
+    )
+    db.write_together(heads.writes())
 
 
 def _never_closed(db: BatchStatements, key: CycleKey) -> LedgerError:
@@ -388,7 +422,7 @@ def get(session: Session, key: CycleKey, version: int = 0) -> CycleSummary:
     """The summary of one close of the cycle: `version` 0 is the latest, 1 the first (a
     cycle is closed again only after its close is reversed)."""
     get_currency(session, key.currency)
-    stored = _stored(session, key, version)
+    stored = _stored(session, key, version) if version <= VERSION_MAX else None
     if stored is not None:
         return stored
     if version and _stored(session, key) is not None:

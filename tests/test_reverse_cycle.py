@@ -422,3 +422,31 @@ def test_the_readme_example(client: Client, database_url: str) -> None:
     )
     assert user_balances(database_url) == {2006: -624, 2007: -416}
     assert tc.fund_balance(client) == 10_000 - 260
+
+
+def test_a_close_that_moved_nothing_is_reversed_too(client: Client, database_url: str) -> None:
+    """A close of a cycle without loss (no cover, no allocation): its reversal posts no entry
+    but is still a link of the chain, and the cycle closes again as version 2."""
+    tc.market(client)
+    tc.liquidate(client, "P1", "c1", 500)  # a profit: the fund's, no loss in the cycle
+    first = cs.close(client.channel, "c1", JPY, cs.Positions.of(WORKED))
+    assert (first.loss_total, first.allocated_total) == (0, 0)
+    entries_before = len(tc.list_entries(client, "insurance_fund"))
+    reversed_ = reverse(client, "c1")
+    assert (reversed_.state, reversed_.version) == (pb.CYCLE_STATE_REVERSED, 1)
+    assert len(tc.list_entries(client, "insurance_fund")) == entries_before
+    assert cs.close(client.channel, "c1", JPY, cs.Positions.of([])).version == 2
+    assert_invariants(client, database_url)
+
+
+def test_a_version_beyond_any_close_is_not_found(client: Client) -> None:
+    """Up to the uint32's largest (beyond the column's range on PostgreSQL: found by the
+    fuzz test)."""
+    tc.market(client)
+    tc.liquidate(client, "L1", "c1", -100)
+    cs.close(client.channel, "c1", JPY, cs.Positions.of(WORKED))
+    for version in (2, 2**31 - 1, 2**31, 2**32 - 1):
+        tc.assert_rejected(
+            lambda v=version: get_version(client, "c1", v), tc.NOT_FOUND, f"version {version}"
+        )
+    assert get_version(client, "c1", 1).version == 1

@@ -57,6 +57,15 @@ def latest_close(db: BatchStatements, currency: str, cycle_id: str) -> CloseRow 
     return CloseRow(int(row[0]), int(row[1]), int(row[2]), str(row[3]), bool(row[4]))
 
 
+def lock_close(db: BatchStatements, close: CloseRow) -> CloseRow | None:
+    """PostgreSQL: lock the close's cycle row (its reversals take turns on it), then read
+    the cycle's latest close again, as it is now."""
+    ((currency, cycle_id),) = db.execute(
+        "SELECT currency, cycle_id FROM cycles WHERE id = ? FOR UPDATE", (close.pk,)
+    ).fetchall()
+    return latest_close(db, str(currency), str(cycle_id))
+
+
 def allocation_count(db: BatchStatements, cycle_pk: int) -> int:
     ((count,),) = db.execute(
         "SELECT count(*) FROM allocations WHERE cycle_pk = ?", (cycle_pk,)
@@ -84,18 +93,17 @@ _COPY_ROWS = (
 )
 
 
-def write(
-    db: BatchStatements, heads: ChainHeads, close: CloseRow, record: dict[str, Any]
-) -> dict[str, Any]:
-    """The reversal rows and the record (`record` holds every column but the link, which is
-    taken here); returns the record as written. The caller writes the heads after."""
-    offset = int(record["first_entry_id"]) - close.allocation_first_entry_id
-    if record["allocation_count"]:
-        db.execute(_COPY_ROWS, (offset, close.pk))
+def copy_rows(db: BatchStatements, close: CloseRow, first_entry_id: int) -> None:
+    """The close's allocation rows as reversal rows, their entry ids from first_entry_id."""
+    db.execute(_COPY_ROWS, (first_entry_id - close.allocation_first_entry_id, close.pk))
+
+
+def write_record(db: BatchStatements, heads: ChainHeads, record: dict[str, Any]) -> None:
+    """The reversal's record (`record` holds every column but the link, taken here); the
+    caller writes the heads after."""
     row = dict(record)
     row["chain_seq"], row["hash"] = heads.link_cycle(str(row["currency"]), reversal_fields(row))
     db.write_together([Insert(REVERSALS, [[row[column.name] for column in REVERSALS.columns]])])
-    return row
 
 
 def reversal_fields(row: dict[str, Any]) -> list[object]:

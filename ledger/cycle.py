@@ -265,7 +265,7 @@ def reverse(database: Database, key: CycleKey, reason: str) -> CycleSummary:
                 stored = _stored(session, key)
                 assert stored is not None
                 return stored
-            count = reversals.allocation_count(db, close.pk)
+            count = reversals.allocation_count(db, close)
         first_id = 0
         if count and not database.is_sqlite:
             with database.write() as session:
@@ -279,13 +279,13 @@ def reverse(database: Database, key: CycleKey, reason: str) -> CycleSummary:
                     if reversals.lock_close(db, close) != close:
                         raise _Moved
                     if count:
-                        reversals.copy_rows(db, close, first_id)
+                        reversals.copy_rows(session, close, first_id)
                 accounts = closes.lock(db, key.currency)
                 if reversals.latest_close(db, key.currency, key.cycle_id) != close:
                     raise _Moved  # reversed (or reversed and closed again) meanwhile
                 if count and database.is_sqlite:
                     first_id = store.reserve_entry_block(db, count)
-                    reversals.copy_rows(db, close, first_id)
+                    reversals.copy_rows(session, close, first_id)
                 summary = _stored(session, key)
                 assert summary is not None and summary.state == CycleState.CLOSED
                 _post_reversal(session, db, accounts, key, summary, close, first_id, count, reason)

@@ -288,6 +288,9 @@ def _check_cycle(
     wrong_ids = np.flatnonzero(rows.entry_id != np.arange(first, first + count, dtype=np.int64))
     if len(wrong_ids):
         report.problem(f"{name}: {len(wrong_ids)} allocation rows have the wrong entry id")
+    kept = cycle.get("allocation_count")
+    if kept is not None and int(kept) != count:
+        report.problem(f"{name}: it has {count} allocation rows, its close wrote {kept}")
     balances.credits[SYSTEM_LOSS] += total
     balances.balance[SYSTEM_LOSS] += total
     if reversal is not None:

@@ -450,3 +450,21 @@ def test_a_version_beyond_any_close_is_not_found(client: Client) -> None:
             lambda v=version: get_version(client, "c1", v), tc.NOT_FOUND, f"version {version}"
         )
     assert get_version(client, "c1", 1).version == 1
+
+
+def test_a_close_from_before_the_count_was_kept_is_reversed(
+    client: Client, database_url: str
+) -> None:
+    """Closes made before migration 0006 have no allocation_count: the reversal counts their
+    rows."""
+    tc.market(client)
+    tc.deposit(client, "d1", 10_000)
+    tc.liquidate(client, "L1", "c1", -1_000)
+    cs.close(client.channel, "c1", JPY, cs.Positions.of(WORKED))
+    with tv.connect(database_url) as conn:
+        tv.execute(conn, "UPDATE cycles SET allocation_count = NULL")
+    assert reverse(client, "c1").state == pb.CYCLE_STATE_REVERSED
+    assert user_balances(database_url) == {}
+    with tv.connect(database_url) as conn:
+        assert tv.scalar(conn, "SELECT count(*) FROM allocation_reversals") == 3
+    assert_invariants(client, database_url)

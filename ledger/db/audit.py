@@ -69,7 +69,15 @@ def entries(db: BatchStatements, currency: str) -> Iterator[EntryRow]:
 
 def cycles(db: BatchStatements, currency: str) -> list[dict[str, Any]]:
     """The currency's closed cycles with every column the checks need, in chain order."""
-    names = ("id", "chain_seq", "hash", *CYCLE_HASHED_COLUMNS, "ranking", "version")
+    names = (
+        "id",
+        "chain_seq",
+        "hash",
+        *CYCLE_HASHED_COLUMNS,
+        "ranking",
+        "version",
+        "allocation_count",
+    )
     rows = db.execute(
         f"SELECT {', '.join(names)} FROM cycles WHERE currency = ? ORDER BY chain_seq, id",
         (currency,),

@@ -209,6 +209,7 @@ def finish(db: BatchStatements, plan: ClosePlan, cycle_pk: int, first_entry_id: 
         id=cycle_pk,
         allocation_first_entry_id=first_entry_id,
         allocations_digest=plan.allocations_digest,
+        allocation_count=plan.allocation_count,
     )
     row["chain_seq"], row["hash"] = heads.link_cycle(plan.currency, cycle_fields(row))
     statements: list[Any] = [

@@ -216,6 +216,9 @@ class Cycle(Base):
     ranking: Mapped[int] = mapped_column(SmallInteger, server_default="1")
     # 1 for a cycle's first close, one more for each close after a reversal.
     version: Mapped[int] = mapped_column(Integer, server_default="1")
+    # Its allocation rows (the length of its block of entry ids); None for the closes made
+    # before this column, whose rows are counted when needed.
+    allocation_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     allocation_first_entry_id: Mapped[int] = mapped_column(BigInteger)
     closed_at_us: Mapped[int] = mapped_column(BigInteger)
     # The digest of its allocation rows (alloc.allocations_digest), and its chain link.

@@ -1,16 +1,17 @@
 """Writing a cycle's reversal: its allocation reversal rows, in bulk, and its record.
 
-The rows are made by the database from the close's own allocation rows, one INSERT … SELECT
-that reads them in the clustered key's order and so only ever appends (nothing goes through
-Python): each row keeps its allocation's key, pnl and amount, and takes the entry id at the
-same rank in the reversal's block. The reversal record, written in the same transaction, is
-what makes them count, and is a link of the currency's chain.
+The rows are made from the close's own allocation rows, read in the clustered key's order so
+that the write only ever appends: each row keeps its allocation's key, pnl and amount, and
+takes the entry id at the same rank in the reversal's block. The reversal record, written in
+the same transaction, is what makes them count, and is a link of the currency's chain.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from ledger.db import models
 from ledger.db.batch import BatchStatements, Insert
@@ -41,11 +42,12 @@ class CloseRow:
     allocation_first_entry_id: int
     allocations_digest: str
     reversed: bool
+    allocation_count: int | None  # None: a close made before the count was kept
 
 
 _CLOSE = (
     "SELECT c.id, c.version, c.allocation_first_entry_id, c.allocations_digest,"
-    " EXISTS (SELECT 1 FROM cycle_reversals r WHERE r.cycle_pk = c.id)"
+    " EXISTS (SELECT 1 FROM cycle_reversals r WHERE r.cycle_pk = c.id), c.allocation_count"
     " FROM cycles c WHERE c.currency = ? AND c.cycle_id = ? ORDER BY c.version DESC LIMIT 1"
 )
 
@@ -54,7 +56,8 @@ def latest_close(db: BatchStatements, currency: str, cycle_id: str) -> CloseRow 
     row = db.execute(_CLOSE, (currency, cycle_id)).fetchone()
     if row is None:
         return None
-    return CloseRow(int(row[0]), int(row[1]), int(row[2]), str(row[3]), bool(row[4]))
+    count = None if row[5] is None else int(row[5])
+    return CloseRow(int(row[0]), int(row[1]), int(row[2]), str(row[3]), bool(row[4]), count)
 
 
 def lock_close(db: BatchStatements, close: CloseRow) -> CloseRow | None:
@@ -66,9 +69,12 @@ def lock_close(db: BatchStatements, close: CloseRow) -> CloseRow | None:
     return latest_close(db, str(currency), str(cycle_id))
 
 
-def allocation_count(db: BatchStatements, cycle_pk: int) -> int:
+def allocation_count(db: BatchStatements, close: CloseRow) -> int:
+    """The close's allocation rows: as it kept the count, or counted (an older close)."""
+    if close.allocation_count is not None:
+        return close.allocation_count
     ((count,),) = db.execute(
-        "SELECT count(*) FROM allocations WHERE cycle_pk = ?", (cycle_pk,)
+        "SELECT count(*) FROM allocations WHERE cycle_pk = ?", (close.pk,)
     ).fetchall()
     return int(count)
 
@@ -93,9 +99,12 @@ _COPY_ROWS = (
 )
 
 
-def copy_rows(db: BatchStatements, close: CloseRow, first_entry_id: int) -> None:
-    """The close's allocation rows as reversal rows, their entry ids from first_entry_id."""
-    db.execute(_COPY_ROWS, (first_entry_id - close.allocation_first_entry_id, close.pk))
+def copy_rows(session: Session, close: CloseRow, first_entry_id: int) -> None:
+    """The close's allocation rows as reversal rows, their entry ids from first_entry_id, by
+    the database itself (one INSERT … SELECT: nothing goes through Python)."""
+    BatchStatements.of_session(session).execute(
+        _COPY_ROWS, (first_entry_id - close.allocation_first_entry_id, close.pk)
+    )
 
 
 def write_record(db: BatchStatements, heads: ChainHeads, record: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """Cycle corrections (issue 13, ReverseCycle): versioned closes, the reversal of a close, and
-its allocation reversal rows. Every existing close is version 1 and in force, which leaves
+its allocation reversal rows; a close's count of allocation rows (unknown, NULL, for the
+closes before it). Every existing close is version 1 and in force, which leaves
 every chain link as it was (a close's link hashes its version only when it is not 1).
 
 Revision ID: 0006
@@ -20,6 +21,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("cycles") as batch_op:
         batch_op.add_column(sa.Column("version", sa.Integer(), nullable=False, server_default="1"))
+        batch_op.add_column(sa.Column("allocation_count", sa.BigInteger(), nullable=True))
         batch_op.drop_constraint("uq_cycles_currency_cycle_id", type_="unique")
         batch_op.create_unique_constraint(
             "uq_cycles_currency_cycle_id_version", ["currency", "cycle_id", "version"]
@@ -64,4 +66,5 @@ def downgrade() -> None:
     with op.batch_alter_table("cycles") as batch_op:
         batch_op.drop_constraint("uq_cycles_currency_cycle_id_version", type_="unique")
         batch_op.create_unique_constraint("uq_cycles_currency_cycle_id", ["currency", "cycle_id"])
+        batch_op.drop_column("allocation_count")
         batch_op.drop_column("version")

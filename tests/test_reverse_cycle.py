@@ -379,6 +379,10 @@ TAMPERINGS = {
         "DELETE FROM cycle_reversals WHERE cycle_pk = :pk",
         ["missing", "not reversed"],
     ),
+    "a close's count of rows changed": (
+        "UPDATE cycles SET allocation_count = allocation_count + 1 WHERE id = :pk",
+        ["its close wrote"],
+    ),
     "a reversal entry's amount changed": (
         "UPDATE entries SET amount = amount + 1 WHERE kind = 5 AND reverses <> 0",
         ["does not reverse", "hash"],

@@ -10,7 +10,11 @@
 //!    profitable positions' account ids.
 //! 2. The profitable positions grouped by account: a parallel partition into buckets by the top
 //!    bits of the account id (so the buckets follow account order), then each bucket, small
-//!    enough to stay in cache, sorted by account. Its runs are the accounts and their profits.
+//!    enough to stay in cache, sorted by account (by counting over its span of account ids
+//!    when they are dense, as they usually are). Its runs are the accounts and their profits.
+//!    Each entry carries its position's key in position_id order (its input index when the
+//!    ids ascend, its id otherwise), read in input order, so no later step looks an id up at
+//!    random.
 //! 3. The accounts go through [`crate::allocate`] as if each were a position whose pnl is its
 //!    profit and whose id is its account id: the same cut, widening and largest-remainder
 //!    split, by the same code, so by the same rules. They come out in account order, as the
@@ -18,9 +22,9 @@
 //! 4. Each charged account's charge split over its profitable positions pro rata by pnl, bucket
 //!    by bucket (the leftover units by larger remainder, then larger pnl, then smaller
 //!    position_id), each position's share computed without a division.
-//! 5. The positions charged something, in position_id order: a second partition, by the input
-//!    index when the ids ascend (its order is theirs) and by the id otherwise, each bucket
-//!    sorted.
+//! 5. The positions charged something, in position_id order. When the ids ascend, input order
+//!    is theirs: each amount is put at its input index, and one pass in input order takes the
+//!    charged positions. Otherwise a second partition by id, each bucket sorted.
 //!
 //! An account's profit is refused above i64 (`AllocError::AccountProfitTooLarge`, naming the
 //! smallest such account): the cut and the split take i64 profits, and a clearing system whose
@@ -32,6 +36,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::ids::RowMap;
+use crate::split::{filled, zeroed};
 use crate::{allocate as allocate_positions, AllocError, Allocation, Policy, Positions};
 use crate::{Summary, CHUNK_LEN};
 
@@ -44,20 +49,20 @@ const PART_LEN_MIN: usize = CHUNK_LEN;
 /// Parts per thread, so that a slow part does not hold the others up.
 const PARTS_PER_THREAD: usize = 4;
 
-/// A profitable position, as grouped by account.
+/// A profitable position, as grouped by account: `key` orders positions as their ids do (see
+/// [`Tie`]), read once in input order so that no later step looks the id up at random.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Entry {
     account: u64,
     pnl: i64,
-    index: u32,
+    key: u64,
 }
 
-/// A position charged something, as put in position_id order: `key` is its input index when
-/// the ids ascend, its position_id otherwise.
+/// A position charged something, as put in position_id order by its `key`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Row {
     key: u64,
-    index: u32,
+    account: u64,
     pnl: i64,
     amount: i64,
 }
@@ -109,11 +114,7 @@ pub(crate) fn allocate(
             pnl: &profit,
         },
     )?;
-    let tie = Tie {
-        ascending: survey.ascending,
-        position_id,
-    };
-    let amounts = groups.split(&by_account, tie)?;
+    let amounts = groups.split(&by_account)?;
     let total: u128 = amounts.iter().map(|&amount| amount as u128).sum();
     if total != u128::from(by_account.summary.allocated_total as u64) {
         return Err(AllocError::InvariantBroken(
@@ -274,6 +275,63 @@ impl KeyRange {
     fn bucket(self, key: u64) -> usize {
         ((key - self.min) >> self.shift) as usize
     }
+
+    /// Sorts one bucket's items by key. A bucket spans 2^shift keys: when its items are not
+    /// far fewer (dense ids, the usual case), by counting over its span, in two linear passes;
+    /// otherwise by comparison.
+    fn sort_bucket<T: Copy + Default>(
+        self,
+        items: &mut [T],
+        bucket: usize,
+        scratch: &mut Scratch<T>,
+        key: impl Fn(&T) -> u64,
+    ) {
+        let span = 1usize.checked_shl(self.shift).unwrap_or(usize::MAX);
+        if items.len() < 2 || span > COUNTING_SPAN_PER_ITEM * items.len().max(64) {
+            items.sort_unstable_by_key(key);
+            return;
+        }
+        let base = self.min + ((bucket as u64) << self.shift);
+        let offset = |item: &T| (key(item) - base) as usize;
+        let Scratch {
+            items: sorted,
+            counts,
+        } = scratch;
+        counts.clear();
+        counts.resize(span + 1, 0);
+        for item in items.iter() {
+            counts[offset(item) + 1] += 1;
+        }
+        for at in 1..counts.len() {
+            counts[at] += counts[at - 1];
+        }
+        sorted.clear();
+        sorted.resize(items.len(), T::default());
+        for item in items.iter() {
+            let slot = &mut counts[offset(item)];
+            sorted[*slot as usize] = *item;
+            *slot += 1;
+        }
+        items.copy_from_slice(sorted);
+    }
+}
+
+/// The most keys a bucket's span may hold per item for it to be sorted by counting.
+const COUNTING_SPAN_PER_ITEM: usize = 8;
+
+/// Reused buffers of a thread's bucket sorts.
+struct Scratch<T> {
+    items: Vec<T>,
+    counts: Vec<u32>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            counts: Vec::new(),
+        }
+    }
 }
 
 /// What a partition reads: source positions `0..len`, each giving at most one item and its
@@ -326,7 +384,7 @@ fn partition<S: Source>(source: &S) -> Partition<S::Item> {
         .map(|bucket| histograms.iter().map(|part| part[bucket]).sum())
         .collect();
     let total = counts.iter().map(|&count| count as usize).sum();
-    let mut items = vec![S::Item::default(); total];
+    let mut items = filled::<S::Item>(total);
     // Bucket-major, part-minor: part p's slice of bucket b is the p-th piece of b's items.
     let mut slices: Vec<Vec<&mut [S::Item]>> =
         ranges.iter().map(|_| Vec::with_capacity(buckets)).collect();
@@ -366,6 +424,7 @@ fn split_by_counts<'a, T>(mut rest: &'a mut [T], counts: &[u32]) -> Vec<&'a mut 
 struct Profitable<'a> {
     account_id: &'a [u64],
     pnl: &'a [i64],
+    tie: Tie<'a>,
     range: KeyRange,
 }
 
@@ -387,7 +446,7 @@ impl Source for Profitable<'_> {
             let entry = Entry {
                 account,
                 pnl,
-                index: index as u32,
+                key: self.tie.key(index),
             };
             put(self.range.bucket(account), entry);
         });
@@ -415,13 +474,20 @@ impl Groups {
         let source = Profitable {
             account_id: positions.account_id,
             pnl: positions.pnl,
+            tie: Tie {
+                ascending: survey.ascending,
+                position_id: positions.position_id,
+            },
             range,
         };
         let mut partition = partition(&source);
         let accounts = partition
             .buckets_mut()
             .into_par_iter()
-            .map(group_bucket)
+            .enumerate()
+            .map_init(Scratch::default, |scratch, (bucket, entries)| {
+                group_bucket(entries, range, bucket, scratch)
+            })
             .collect();
         Self {
             entries: partition.items,
@@ -450,8 +516,8 @@ impl Groups {
 
     /// Each entry's amount: each charged account's charge split over its entries, bucket by
     /// bucket. `by_account` is the account-level allocation over `columns()`.
-    fn split(&self, by_account: &Allocation, tie: Tie<'_>) -> Result<Vec<i64>, AllocError> {
-        let mut amounts = vec![0i64; self.entries.len()];
+    fn split(&self, by_account: &Allocation) -> Result<Vec<i64>, AllocError> {
+        let mut amounts = zeroed::<i64>(self.entries.len());
         if by_account.amount.is_empty() {
             return Ok(amounts);
         }
@@ -468,11 +534,7 @@ impl Groups {
                 };
                 let from = charged.0.partition_point(|&id| id < first.id);
                 let to = charged.0.partition_point(|&id| id <= last.id);
-                let bucket = Bucket {
-                    entries,
-                    accounts,
-                    tie,
-                };
+                let bucket = Bucket { entries, accounts };
                 let charges = (&charged.0[from..to], &charged.1[from..to]);
                 bucket.split(charges, amounts, scratch)
             })?;
@@ -492,8 +554,13 @@ fn split_by_counts_ref<'a, T>(mut rest: &'a [T], counts: &[u32]) -> Vec<&'a [T]>
 }
 
 /// Sorts a bucket's entries by account and lists its accounts.
-fn group_bucket(entries: &mut [Entry]) -> Vec<Account> {
-    entries.sort_unstable_by_key(|entry| entry.account);
+fn group_bucket(
+    entries: &mut [Entry],
+    range: KeyRange,
+    bucket: usize,
+    scratch: &mut Scratch<Entry>,
+) -> Vec<Account> {
+    range.sort_bucket(entries, bucket, scratch, |entry| entry.account);
     let mut accounts: Vec<Account> = Vec::new();
     for (offset, entry) in entries.iter().enumerate() {
         match accounts.last_mut() {
@@ -512,8 +579,9 @@ fn group_bucket(entries: &mut [Entry]) -> Vec<Account> {
     accounts
 }
 
-/// How leftover units break a tie of remainder and pnl: the smaller position_id, which is the
-/// smaller input index when the ids ascend (no lookup then).
+/// A position's key in position_id order (how leftover units break a tie of remainder and
+/// pnl, and how the output is ordered): its input index when the ids ascend, its id
+/// otherwise.
 #[derive(Clone, Copy)]
 struct Tie<'a> {
     ascending: bool,
@@ -522,11 +590,21 @@ struct Tie<'a> {
 
 impl Tie<'_> {
     #[inline]
-    fn key(self, index: u32) -> u64 {
+    fn key(self, index: usize) -> u64 {
         if self.ascending {
-            u64::from(index)
+            index as u64
         } else {
-            self.position_id[index as usize]
+            self.position_id[index]
+        }
+    }
+
+    /// The position_id of a key.
+    #[inline]
+    fn id(self, key: u64) -> u64 {
+        if self.ascending {
+            self.position_id[key as usize]
+        } else {
+            key
         }
     }
 }
@@ -575,7 +653,6 @@ type Rank = (u64, i64, Reverse<u64>, u32);
 struct Bucket<'a> {
     entries: &'a [Entry],
     accounts: &'a [Account],
-    tie: Tie<'a>,
 }
 
 impl Bucket<'_> {
@@ -603,7 +680,7 @@ impl Bucket<'_> {
                     "an account's charge is outside [0, its profit]",
                 ));
             }
-            let total = split_account(charge as u64, profit, entries, amounts, self.tie, scratch);
+            let total = split_account(charge as u64, profit, entries, amounts, scratch);
             let bounded = amounts
                 .iter()
                 .zip(entries)
@@ -626,7 +703,6 @@ fn split_account(
     profit: u64,
     entries: &[Entry],
     amounts: &mut [i64],
-    tie: Tie<'_>,
     scratch: &mut Vec<Rank>,
 ) -> u128 {
     if charge == profit {
@@ -642,12 +718,7 @@ fn split_account(
         let (floor, remainder) = share.of(entry.pnl as u64);
         *amount = floor as i64;
         floors += floor;
-        scratch.push((
-            remainder,
-            entry.pnl,
-            Reverse(tie.key(entry.index)),
-            offset as u32,
-        ));
+        scratch.push((remainder, entry.pnl, Reverse(entry.key), offset as u32));
     }
     // Fewer than the entries, as each share's fraction is below one; the checks after
     // catch it should that ever fail.
@@ -665,7 +736,6 @@ fn split_account(
 struct Charged<'a> {
     entries: &'a [Entry],
     amounts: &'a [i64],
-    tie: Tie<'a>,
     range: KeyRange,
 }
 
@@ -685,14 +755,13 @@ impl Source for Charged<'_> {
         let rows = self.entries[range.clone()].iter().zip(&self.amounts[range]);
         for (entry, &amount) in rows {
             if amount > 0 {
-                let key = self.tie.key(entry.index);
                 let row = Row {
-                    key,
-                    index: entry.index,
+                    key: entry.key,
+                    account: entry.account,
                     pnl: entry.pnl,
                     amount,
                 };
-                put(self.range.bucket(key), row);
+                put(self.range.bucket(entry.key), row);
             }
         }
     }
@@ -737,43 +806,134 @@ impl<'a> Output<'a> {
         if rows == 0 {
             return Columns::default();
         }
+        if self.tie.ascending {
+            return self.write_ascending(entries, amounts, rows);
+        }
+        let range = KeyRange::new(self.keys.0, self.keys.1, rows);
         let source = Charged {
             entries,
             amounts,
-            tie: self.tie,
-            range: KeyRange::new(self.keys.0, self.keys.1, rows),
+            range,
         };
         let mut partition = partition(&source);
         let counts = partition.counts.clone();
         let mut columns = Columns {
-            position_id: vec![0; rows],
-            account_id: vec![0; rows],
-            pnl: vec![0; rows],
-            amount: vec![0; rows],
+            position_id: zeroed(rows),
+            account_id: zeroed(rows),
+            pnl: zeroed(rows),
+            amount: zeroed(rows),
         };
-        let Positions {
-            position_id,
-            account_id,
-            ..
-        } = self.positions;
+        let tie = self.tie;
         partition
             .buckets_mut()
             .into_par_iter()
+            .enumerate()
             .zip(split_by_counts(&mut columns.position_id, &counts))
             .zip(split_by_counts(&mut columns.account_id, &counts))
             .zip(split_by_counts(&mut columns.pnl, &counts))
             .zip(split_by_counts(&mut columns.amount, &counts))
-            .for_each(|((((bucket, ids), accounts), pnl), amount)| {
-                bucket.sort_unstable_by_key(|row| row.key);
-                for (out, row) in bucket.iter().enumerate() {
-                    let index = row.index as usize;
-                    ids[out] = position_id[index];
-                    accounts[out] = account_id[index];
-                    pnl[out] = row.pnl;
-                    amount[out] = row.amount;
+            .for_each_init(
+                Scratch::default,
+                |scratch, (((((index, bucket), ids), accounts), pnl), amount)| {
+                    range.sort_bucket(bucket, index, scratch, |row| row.key);
+                    for (out, row) in bucket.iter().enumerate() {
+                        ids[out] = tie.id(row.key);
+                        accounts[out] = row.account;
+                        pnl[out] = row.pnl;
+                        amount[out] = row.amount;
+                    }
+                },
+            );
+        columns
+    }
+}
+
+impl Output<'_> {
+    /// When the ids ascend, input order is position_id order: each amount is put at its
+    /// position's input index (a key no two entries share), then one pass in input order
+    /// takes the charged positions, with their ids, accounts and pnl read in order. No
+    /// partition and no sort.
+    fn write_ascending(&self, entries: &[Entry], amounts: &[i64], rows: usize) -> Columns {
+        let Positions {
+            position_id,
+            account_id,
+            pnl,
+        } = self.positions;
+        let mut by_index = zeroed::<i64>(pnl.len());
+        let shared = SharedAmounts {
+            amounts: by_index.as_mut_ptr(),
+            len: by_index.len(),
+        };
+        entries
+            .par_chunks(CHUNK_LEN)
+            .zip(amounts.par_chunks(CHUNK_LEN))
+            .for_each(|(entries, amounts)| {
+                for (entry, &amount) in entries.iter().zip(amounts) {
+                    if amount > 0 {
+                        shared.put(entry.key as usize, amount);
+                    }
                 }
             });
+        let counts: Vec<u32> = by_index
+            .par_chunks(CHUNK_LEN)
+            .map(|chunk| chunk.iter().filter(|&&amount| amount > 0).count() as u32)
+            .collect();
+        let mut columns = Columns {
+            position_id: zeroed(rows),
+            account_id: zeroed(rows),
+            pnl: zeroed(rows),
+            amount: zeroed(rows),
+        };
+        by_index
+            .par_chunks(CHUNK_LEN)
+            .enumerate()
+            .zip(split_by_counts(&mut columns.position_id, &counts))
+            .zip(split_by_counts(&mut columns.account_id, &counts))
+            .zip(split_by_counts(&mut columns.pnl, &counts))
+            .zip(split_by_counts(&mut columns.amount, &counts))
+            .for_each(
+                |(((((chunk, by_index), ids), accounts), pnls), out_amounts)| {
+                    let start = chunk * CHUNK_LEN;
+                    let mut out = 0;
+                    for (offset, &amount) in by_index.iter().enumerate() {
+                        if amount > 0 {
+                            let index = start + offset;
+                            ids[out] = position_id[index];
+                            accounts[out] = account_id[index];
+                            pnls[out] = pnl[index];
+                            out_amounts[out] = amount;
+                            out += 1;
+                        }
+                    }
+                },
+            );
         columns
+    }
+}
+
+/// The amounts by input index, as a raw part for threads that each write their own indexes.
+struct SharedAmounts {
+    amounts: *mut i64,
+    len: usize,
+}
+
+// SAFETY: only written through `put`, at indexes that no two calls share.
+unsafe impl Sync for SharedAmounts {}
+
+impl SharedAmounts {
+    /// Writes the amount at `index`. Callers write each index at most once: the entries are
+    /// the profitable positions, each once, and an entry's key is its input index.
+    #[inline]
+    fn put(&self, index: usize, amount: i64) {
+        assert!(
+            index < self.len,
+            "index {index} outside the {} positions",
+            self.len
+        );
+        // SAFETY: `index` is in bounds (checked above); the column is live and not otherwise
+        // accessed while the scatter runs (its owner waits on the scatter); no other thread
+        // writes this index, so the writes never race.
+        unsafe { self.amounts.add(index).write(amount) }
     }
 }
 
@@ -1240,7 +1400,14 @@ mod tests {
 
     #[test]
     fn many_accounts_at_scale_match_the_reference() {
-        // Past several parts and buckets of both partitions, ids ascending and shuffled.
+        // Past several parts and buckets of both partitions, ids ascending and shuffled;
+        // account ids spread (buckets sorted by comparison) and dense (by counting).
+        for spread in [0x1_0000_0001u64, 1] {
+            many_accounts_at_scale(spread);
+        }
+    }
+
+    fn many_accounts_at_scale(spread: u64) {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
             state ^= state << 13;
@@ -1251,7 +1418,7 @@ mod tests {
         let n = 300_000u64;
         let rows: Vec<Row> = (0..n)
             .map(|i| {
-                let account = (next() % 20_000) * 0x1_0000_0001;
+                let account = (next() % 20_000) * spread;
                 let pnl = (next() % 2000) as i64 - 700;
                 (i + 1, account, pnl)
             })

@@ -490,10 +490,20 @@ impl Split<'_> {
 /// A zeroed column. Large ones are fresh pages, faulted in on their first write: asking for
 /// huge pages where the kernel offers them (transparent huge pages on request) takes one
 /// fault per 2 MiB instead of per 4 KiB, and fewer TLB misses while rows are scattered.
-fn zeroed<T: Copy + Default>(len: usize) -> Vec<T> {
+pub(crate) fn zeroed<T: Copy + Default>(len: usize) -> Vec<T> {
     let mut column = vec![T::default(); len];
     advise_huge_pages(&mut column);
     column
+}
+
+/// `len` default items whose pages are asked for as huge pages before they are first
+/// written (for item types that `vec!` fills by writing, where `zeroed` would advise only
+/// after every page had been faulted in).
+pub(crate) fn filled<T: Copy + Default>(len: usize) -> Vec<T> {
+    let mut items: Vec<T> = Vec::with_capacity(len);
+    advise_huge_pages(items.spare_capacity_mut());
+    items.resize(len, T::default());
+    items
 }
 
 #[cfg(target_os = "linux")]

@@ -147,6 +147,8 @@ def entry(reply: pb.Entry, scale: int) -> Table:
         ("postings", postings(reply, scale)),
         ("created at", timestamp(reply.created_at)),
     ]
+    if reply.reverses:
+        rows.append(("reverses", f"entry {reply.reverses}"))
     if reply.memo:
         rows.append(("memo", reply.memo))
     return key_values(f"Entry {reply.entry_id}", rows)
@@ -155,7 +157,7 @@ def entry(reply: pb.Entry, scale: int) -> Table:
 def entries(reply_pages: Sequence[pb.ListEntriesResponse], account: str, scale: int) -> Table:
     return rows_table(
         f"Entries of {account}",
-        ("entry", "time", "kind", "reference", "postings", "memo"),
+        ("entry", "time", "kind", "reference", "postings", "reverses", "memo"),
         (
             (
                 str(e.entry_id),
@@ -163,6 +165,7 @@ def entries(reply_pages: Sequence[pb.ListEntriesResponse], account: str, scale: 
                 enum_name(pb.EntryKind, e.kind, "ENTRY_KIND_"),
                 e.reference,
                 postings(e, scale),
+                str(e.reverses) if e.reverses else "",
                 e.memo,
             )
             for page in reply_pages

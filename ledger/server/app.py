@@ -395,6 +395,20 @@ def message_class(name: str) -> Any:
     return getattr(pb, name)
 
 
+# How often the main thread looks up from waiting for the stop signal.
+SIGNAL_POLL_SECONDS = 0.25
+
+
+def _wait_for(stopping: threading.Event) -> None:
+    """Wait until a signal handler sets `stopping`, waking now and then. Python runs signal
+    handlers on the main thread only when it runs bytecode, and a process's signal may be
+    delivered to any of its threads (grpc's, rayon's): a main thread blocked in one untimed
+    wait is then never woken to run the handler (seen in CI: a SIGTERM that never stopped
+    the server)."""
+    while not stopping.wait(SIGNAL_POLL_SECONDS):
+        pass
+
+
 def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then finish in-flight calls and return 0.
 
@@ -426,7 +440,7 @@ def serve(settings: Settings) -> int:
     reload.attach(server)
     server.start()
     print(f"ledger listening on port {server.port} ({server.security.note()})", flush=True)
-    stopping.wait()
+    _wait_for(stopping)
     server.stop()
     log.info("stopped")
     return 0
@@ -500,7 +514,7 @@ def _serve_workers(settings: Settings, stopping: threading.Event, security: auth
             f"ledger listening on port {port} ({len(workers)} workers; {security.note()})",
             flush=True,
         )
-    stopping.wait()
+    _wait_for(stopping)
     for worker in workers:
         if worker.pid is not None and worker.exitcode is None:
             os.kill(worker.pid, signal.SIGTERM)
@@ -533,5 +547,5 @@ def _worker(settings: Settings, ready: Any) -> None:
     reload.attach(server)
     server.start()
     ready.put(os.getpid())
-    stopping.wait()
+    _wait_for(stopping)
     server.stop()

@@ -56,7 +56,8 @@ def list_entries(
         _journal_rows(session, currency, account, kind, before, size + 1, debit=True),
         _journal_rows(session, currency, account, kind, before, size + 1, debit=False),
     ]
-    if kind in (None, EntryKind.ALLOCATION):
+    allocated = account == SYSTEM_LOSS or user_account_id(account) is not None
+    if kind in (None, EntryKind.ALLOCATION) and allocated:  # the accounts allocations move
         sources.append(_allocation_rows(session, currency, account, before, size + 1))
         sources.append(_reversal_rows(session, currency, account, before, size + 1))
     merged = list(heapq.merge(*sources, key=lambda e: -e.entry_id))[: size + 1]
@@ -152,8 +153,6 @@ def _block_rows(
     """The rows of `table` in the blocks (cycle_pk, cycle_id, created_at_us, memo, and the
     offset from a reversal row's entry id to the allocation's it reverses), newest first."""
     user_id = user_account_id(account)
-    if user_id is None and account != SYSTEM_LOSS:
-        return []
     found: list[StoredEntry] = []
     for cycle_pk, cycle_id, created_at_us, memo, offset in blocks:
         query = (

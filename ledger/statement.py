@@ -65,14 +65,17 @@ class Explanation:
     remainder_unit: bool
 
 
-def keep(database: Database, key: cycle.CycleKey, columns: Columns) -> None:
-    """Keep a closed cycle's input, unless it is kept whole already (a repeated close).
+def keep(database: Database, close: Close, columns: Columns) -> None:
+    """Keep the input of one close of a cycle, unless it is kept whole already (a repeated
+    close). The close is named by its version and input digest: kept after the reply, the
+    cycle may have been reversed and closed again meanwhile, and this input is not the new
+    close's.
 
-    The parts are cut from the positions in position_id order, so every close of the cycle
+    The parts are cut from the positions in position_id order, so every repeat of the close
     (its input digest is the same, whatever order the positions came in) writes the same
     parts, and concurrent or repeated keeps only add the parts still missing."""
     with database.read() as session:
-        pk = _cycle_pk(session, key)
+        pk = _close_pk(session, close)
         if pk is None or _is_whole(session, pk):
             return
     ids, accounts, pnl = columns
@@ -107,9 +110,9 @@ class Keeper:
         self._pending: dict[tuple[str, str], Future[None]] = {}
         self._lock = threading.Lock()
 
-    def submit(self, key: cycle.CycleKey, columns: Columns) -> None:
-        name = (key.currency, key.cycle_id)
-        future = self._executor.submit(self._keep, key, columns)
+    def submit(self, close: Close, columns: Columns) -> None:
+        name = (close.key.currency, close.key.cycle_id)
+        future = self._executor.submit(self._keep, close, columns)
         with self._lock:
             self._pending[name] = future
 
@@ -120,18 +123,18 @@ class Keeper:
 
         future.add_done_callback(done)
 
-    def _keep(self, key: cycle.CycleKey, columns: Columns) -> None:
+    def _keep(self, close: Close, columns: Columns) -> None:
         """Retried a few times (a busy database: lock timeouts), since nothing waits on it
         but statements; each attempt adds only the parts still missing."""
         for attempt in range(1, KEEP_ATTEMPTS + 1):
             try:
-                keep(self._database, key, columns)
+                keep(self._database, close, columns)
                 return
             except Exception:  # the statement says so (FAILED_PRECONDITION); a repeat retries
                 log.exception(
                     "keeping the input of cycle %r of %s failed (attempt %d of %d)",
-                    key.cycle_id,
-                    key.currency,
+                    close.key.cycle_id,
+                    close.key.currency,
                     attempt,
                     KEEP_ATTEMPTS,
                 )
@@ -147,13 +150,23 @@ class Keeper:
         self._executor.shutdown(wait=True)
 
 
-def _cycle_pk(session: Session, key: cycle.CycleKey) -> int | None:
-    """The cycle's latest close (a cycle is closed again only after a reversal)."""
+@dataclass(frozen=True, slots=True)
+class Close:
+    """One close of a cycle, as its reply named it."""
+
+    key: cycle.CycleKey
+    version: int
+    input_digest: str
+
+
+def _close_pk(session: Session, close: Close) -> int | None:
     return session.scalar(
-        select(models.Cycle.id)
-        .where(models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id)
-        .order_by(models.Cycle.version.desc())
-        .limit(1)
+        select(models.Cycle.id).where(
+            models.Cycle.currency == close.key.currency,
+            models.Cycle.cycle_id == close.key.cycle_id,
+            models.Cycle.version == close.version,
+            models.Cycle.input_digest == close.input_digest,
+        )
     )
 
 
@@ -243,10 +256,16 @@ def _read(session: Session, pk: int, name: str) -> Columns:
         .order_by(models.CycleInputPart.part)
     ).all()
     if not stored or len(stored) != stored[0].parts:
+        reversed_ = session.get(models.CycleReversal, pk) is not None
+        remedy = (
+            "its close was reversed, so they can no longer be kept"
+            if reversed_
+            else "send the same close again to keep them"
+        )
         raise FailedPrecondition(
             f"{name}: its positions are not kept (closed before statements existed, or the "
             "server stopped right after the close; or another server process is still "
-            "writing them: retry shortly); send the same close again to keep them",
+            f"writing them: retry shortly); {remedy}",
             type="CYCLE_INPUT_NOT_KEPT",
             subject=name,
         )

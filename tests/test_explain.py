@@ -254,3 +254,45 @@ def test_a_failed_keep_is_tried_again(client: Client, monkeypatch: pytest.Monkey
     cs.close(client.channel, "c1", tc.JPY, cs.Positions.of([(7, 1, 500), (8, 2, 100)]))
     assert explain(client, "c1", 8).rank == 2
     assert len(calls) == 3
+
+
+def test_a_late_keep_of_a_reversed_close_keeps_it_as_that_close(
+    client: Client, database_url: str
+) -> None:
+    """A keep runs after its close has replied: by then the cycle may have been reversed and
+    closed again. The first close's input is kept as the first close's, never as the second
+    close's (whose positions its statements must explain)."""
+    from ledger import cycle
+    from ledger.db.session import Database
+    from ledger.statement import Close, keep
+
+    tc.market(client)
+    tc.liquidate(client, "L1", "c1", -100)
+    first_rows = cs.Positions.of([(7, 1, 500), (8, 2, 100)])
+    first = cs.close(client.channel, "c1", tc.JPY, first_rows)
+    client.admin.ReverseCycle(pb.ReverseCycleRequest(cycle_id="c1", currency=tc.JPY))
+    second_rows = cs.Positions.of([(20, 3, 900), (21, 4, 50)])
+    second = cs.close(client.channel, "c1", tc.JPY, second_rows)
+    engine = create_engine(database_url)
+    try:
+        kept_parts(engine, 2)  # both keeps have run
+        with engine.begin() as connection:  # as if the keeps had not run yet
+            connection.execute(text("DELETE FROM cycle_input_parts"))
+    finally:
+        engine.dispose()
+    database = Database(database_url)
+    try:
+        late = Close(cycle.CycleKey("c1", tc.JPY), first.version, first.input_digest)
+        columns = (first_rows.position_id, first_rows.account_id, first_rows.pnl)
+        keep(database, late, columns)  # the first close's keep, run late
+    finally:
+        database.dispose()
+    with pytest.raises(grpc.RpcError) as error:
+        explain(client, "c1", 20)  # the second close's input is still not kept
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "send the same close again" in error.value.details()
+    assert cs.close(client.channel, "c1", tc.JPY, second_rows) == second  # keeps it
+    assert explain(client, "c1", 20).amount == second.allocated_total
+    with pytest.raises(grpc.RpcError) as error:
+        explain(client, "c1", 7)  # a position of the first close only
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND

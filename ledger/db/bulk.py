@@ -109,15 +109,13 @@ def insert_allocations(
                 between()
 
 
-def copy_allocations(connection: Any, rows: AllocationRows, table: str = "allocations") -> None:
-    """PostgreSQL: the rows as one binary COPY, laid out by numpy a block at a time, into
-    `allocations` (or `allocation_reversals`, the same shape)."""
+def copy_allocations(connection: Any, rows: AllocationRows) -> None:
+    """PostgreSQL: the rows as one binary COPY, laid out by numpy a block at a time."""
     if not len(rows):
         return
-    columns = ", ".join(_COLUMNS)
     with (
         connection.cursor() as cursor,
-        cursor.copy(f"COPY {_table(table)} ({columns}) FROM STDIN (FORMAT BINARY)") as copy,
+        cursor.copy(f"COPY allocations ({', '.join(_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy,
     ):
         copy.write(_PG_COPY_HEADER)
         for start in range(0, len(rows), ROWS_PER_WRITE):
@@ -132,25 +130,6 @@ def copy_allocations(connection: Any, rows: AllocationRows, table: str = "alloca
             block["entry_id"] = rows.entry_id(start, stop)
             copy.write(block.tobytes())
         copy.write(_PG_COPY_TRAILER)
-
-
-def read_placed(session: Session, cycle_pk: int, first_entry_id: int) -> AllocationRows:
-    """PostgreSQL: a cycle's allocation rows as stored, in the table's key order, each row's
-    rank its entry id's offset from the block's first_entry_id (so `placed` moves them to
-    another block, rank for rank): what a reversal copies."""
-    read = _read(
-        session,
-        ("account_id", "position_id", "pnl", "amount", "entry_id"),
-        f"cycle_pk = {int(cycle_pk)} ORDER BY account_id, position_id",
-    )
-    return AllocationRows(
-        read["account_id"],
-        read["position_id"],
-        read["pnl"],
-        read["amount"],
-        read["entry_id"] - first_entry_id,
-        first_entry_id=first_entry_id,
-    )
 
 
 def _table(name: str) -> str:

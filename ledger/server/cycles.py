@@ -51,10 +51,11 @@ class CycleService:
         with self._stream():
             key, positions, digest = self._receive(messages)
             summary = cycle.close(self._db, key, positions, digest, context.is_active)
+            kept = statement.Close(key, summary.version, summary.input_digest)
             if self._keeper is not None:  # after the reply, on the keeper's thread
-                self._keeper.submit(key, positions.columns())
+                self._keeper.submit(kept, positions.columns())
             else:
-                statement.keep(self._db, key, positions.columns())
+                statement.keep(self._db, kept, positions.columns())
         if self._on_close is not None:
             self._on_close(
                 key.currency,

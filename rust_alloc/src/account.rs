@@ -31,6 +31,7 @@
 //! one account made more than 2^63 - 1 minor units in a cycle has a bug to look at first.
 
 use std::cmp::Reverse;
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -865,17 +866,16 @@ impl Output<'_> {
             pnl,
         } = self.positions;
         let mut by_index = zeroed::<i64>(pnl.len());
-        let shared = SharedAmounts {
-            amounts: by_index.as_mut_ptr(),
-            len: by_index.len(),
-        };
+        let shared = SharedAmounts::new(&mut by_index);
         entries
             .par_chunks(CHUNK_LEN)
             .zip(amounts.par_chunks(CHUNK_LEN))
             .for_each(|(entries, amounts)| {
                 for (entry, &amount) in entries.iter().zip(amounts) {
                     if amount > 0 {
-                        shared.put(entry.key as usize, amount);
+                        // SAFETY: each entry is a distinct position, its key its input
+                        // index (the ids ascend), so no two puts share an index.
+                        unsafe { shared.put(entry.key as usize, amount) };
                     }
                 }
             });
@@ -916,28 +916,41 @@ impl Output<'_> {
     }
 }
 
-/// The amounts by input index, as a raw part for threads that each write their own indexes.
-struct SharedAmounts {
+/// The amounts by input index, as a raw part for threads that each write their own indexes;
+/// it borrows the column, so the column outlives it and nothing else touches it meanwhile.
+struct SharedAmounts<'a> {
     amounts: *mut i64,
     len: usize,
+    column: PhantomData<&'a mut [i64]>,
 }
 
-// SAFETY: only written through `put`, at indexes that no two calls share.
-unsafe impl Sync for SharedAmounts {}
+// SAFETY: only written through `put`, whose callers write distinct indexes.
+unsafe impl Sync for SharedAmounts<'_> {}
 
-impl SharedAmounts {
-    /// Writes the amount at `index`. Callers write each index at most once: the entries are
-    /// the profitable positions, each once, and an entry's key is its input index.
+impl<'a> SharedAmounts<'a> {
+    fn new(column: &'a mut [i64]) -> Self {
+        Self {
+            amounts: column.as_mut_ptr(),
+            len: column.len(),
+            column: PhantomData,
+        }
+    }
+
+    /// Writes the amount at `index` (bounds checked).
+    ///
+    /// # Safety
+    /// No two calls, on any threads, may write the same index. Here they do not: the entries
+    /// are the profitable positions, each once, and an entry's key is its input index.
     #[inline]
-    fn put(&self, index: usize, amount: i64) {
+    unsafe fn put(&self, index: usize, amount: i64) {
         assert!(
             index < self.len,
             "index {index} outside the {} positions",
             self.len
         );
-        // SAFETY: `index` is in bounds (checked above); the column is live and not otherwise
-        // accessed while the scatter runs (its owner waits on the scatter); no other thread
-        // writes this index, so the writes never race.
+        // SAFETY: `index` is in bounds (checked above); the column is borrowed mutably by
+        // `self` for its whole life, so nothing else reads or writes it meanwhile; and the
+        // caller guarantees that no other call writes this index, so the writes never race.
         unsafe { self.amounts.add(index).write(amount) }
     }
 }

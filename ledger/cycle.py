@@ -276,16 +276,16 @@ def reverse(database: Database, key: CycleKey, reason: str) -> CycleSummary:
                 if not database.is_sqlite:
                     # The rows first, holding no row that a liquidation locks (as the close
                     # does), only the close's: a second reversal of it waits here.
-                    if reversals.lock_close(db, close) != close:
+                    if reversals.lock_close(db, key.currency, key.cycle_id, close) != close:
                         raise _Moved
                     if count:
-                        reversals.copy_rows(session, close, first_id)
+                        reversals.copy_rows(db, close, first_id)
                 accounts = closes.lock(db, key.currency)
                 if reversals.latest_close(db, key.currency, key.cycle_id) != close:
                     raise _Moved  # reversed (or reversed and closed again) meanwhile
                 if count and database.is_sqlite:
                     first_id = store.reserve_entry_block(db, count)
-                    reversals.copy_rows(session, close, first_id)
+                    reversals.copy_rows(db, close, first_id)
                 summary = _stored(session, key)
                 assert summary is not None and summary.state == CycleState.CLOSED
                 _post_reversal(session, db, accounts, key, summary, close, first_id, count, reason)
@@ -437,15 +437,20 @@ def allocations(
     rows_per_chunk rows, straight from the ledger's rows (a reversed close's too: its summary
     says that they were reversed)."""
     get_currency(session, key.currency)
-    pk = session.scalar(
-        select(models.Cycle.id)
+    row = latest_row(session, key)
+    if row is None:
+        raise NotFound(f"cycle {key.cycle_id!r} of {key.currency} has not been closed")
+    yield from bulk.read_allocations(session, row.id, account_id, rows_per_chunk)
+
+
+def latest_row(session: Session, key: CycleKey) -> models.Cycle | None:
+    """The cycle row of the cycle's latest close, reversed or not."""
+    return session.scalars(
+        select(models.Cycle)
         .where(models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id)
         .order_by(models.Cycle.version.desc())
         .limit(1)
-    )
-    if pk is None:
-        raise NotFound(f"cycle {key.cycle_id!r} of {key.currency} has not been closed")
-    yield from bulk.read_allocations(session, pk, account_id, rows_per_chunk)
+    ).one_or_none()
 
 
 def _stored(session: Session, key: CycleKey, version: int = 0) -> CycleSummary | None:

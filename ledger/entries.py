@@ -8,7 +8,7 @@ journal.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import Result, literal, select
 from sqlalchemy.orm import Session
@@ -176,7 +176,10 @@ def _block_rows(
 
 
 def allocation_entry(
-    currency: str, cycle_id: str, closed_at_us: int, row: models.Allocation
+    currency: str,
+    cycle_id: str,
+    closed_at_us: int,
+    row: models.AllocationRow,
 ) -> StoredEntry:
     user = user_account(to_unsigned(row.account_id))
     return StoredEntry(
@@ -199,18 +202,12 @@ def allocation_reversal_entry(
     offset: int,
     row: models.AllocationReversal,
 ) -> StoredEntry:
-    """The reversal of an allocation flow: its amount back to the user, naming the
-    allocation's entry (this row's entry id + offset)."""
-    user = user_account(to_unsigned(row.account_id))
-    return StoredEntry(
-        entry_id=row.entry_id,
-        kind=EntryKind.ALLOCATION,
-        currency=currency,
-        reference=cycle_id,
-        postings=(Posting(SYSTEM_LOSS, -row.amount), Posting(user, row.amount)),
-        created_at_us=reversed_at_us,
+    """The reversal of an allocation flow: the allocation's entry with its postings turned
+    round, under its own id, naming the allocation's entry (this row's entry id + offset)."""
+    flow = allocation_entry(currency, cycle_id, reversed_at_us, row)
+    return replace(
+        flow,
+        postings=tuple(Posting(p.account, -p.amount) for p in reversed(flow.postings)),
         memo=reason,
-        position_id=to_unsigned(row.position_id),
-        pnl=row.pnl,
         reverses=row.entry_id + offset,
     )

@@ -289,12 +289,7 @@ def explain(session: Session, cycle_id: str, currency: str, position_id: int) ->
     if position_id < 0 or position_id >= 2**64:
         raise InvalidArgument("position_id", position_id, "must be a uint64")
     get_currency(session, key.currency)
-    row = session.scalars(  # its latest close (reversed or not: the statement is the same)
-        select(models.Cycle)
-        .where(models.Cycle.currency == key.currency, models.Cycle.cycle_id == key.cycle_id)
-        .order_by(models.Cycle.version.desc())
-        .limit(1)
-    ).one_or_none()
+    row = cycle.latest_row(session, key)  # reversed or not: the statement is the same
     name = f"cycle {key.cycle_id!r} of {key.currency}"
     if row is None:
         raise NotFound(f"{name} has not been closed")

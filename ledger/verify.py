@@ -149,8 +149,10 @@ def _verify_currency(session: Session, db: BatchStatements, currency: str, repor
             f"{_reversal_name(reversal)} of {currency}: the close it reverses (cycle row "
             f"{reversal['cycle_pk']}) is not there (removed?)"
         )
-    _check_versions(currency, cycles, set(int(r["cycle_pk"]) for r in reversals), report)
-    _check_close_entries(db, currency, cycles, reversals, report)
+    by_cycle = _closes_by_cycle(cycles)
+    reversed_pks = {int(r["cycle_pk"]) for r in reversals}
+    _check_versions(currency, by_cycle, reversed_pks, report)
+    _check_close_entries(db, currency, by_cycle, reversed_pks, report)
     _check_cached(db, currency, balances, report)
     for liquidation_id, what in audit.broken_liquidations(db, currency):
         report.problem(f"liquidation {liquidation_id!r} of {currency}: {what}")
@@ -336,15 +338,25 @@ def _check_reversal(
     return count
 
 
-def _check_versions(
-    currency: str, cycles: list[dict[str, Any]], reversed_pks: set[int], report: Report
-) -> None:
-    """A cycle's closes are versions 1, 2, … and every one but the latest is reversed."""
+def _closes_by_cycle(cycles: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The closes of each cycle id, in version order."""
     by_cycle: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
     for cycle in cycles:
         by_cycle[str(cycle["cycle_id"])].append(cycle)
+    return {
+        cycle_id: sorted(closes, key=lambda c: int(c["version"]))
+        for cycle_id, closes in by_cycle.items()
+    }
+
+
+def _check_versions(
+    currency: str,
+    by_cycle: dict[str, list[dict[str, Any]]],
+    reversed_pks: set[int],
+    report: Report,
+) -> None:
+    """A cycle's closes are versions 1, 2, … and every one but the latest is reversed."""
     for cycle_id, closes in by_cycle.items():
-        closes.sort(key=lambda c: int(c["version"]))
         versions = [int(c["version"]) for c in closes]
         if versions != list(range(1, len(closes) + 1)):
             report.problem(f"cycle {cycle_id!r} of {currency} has close versions {versions}")
@@ -359,17 +371,13 @@ def _check_versions(
 def _check_close_entries(
     db: BatchStatements,
     currency: str,
-    cycles: list[dict[str, Any]],
-    reversals: list[dict[str, Any]],
+    by_cycle: dict[str, list[dict[str, Any]]],
+    reversed_pks: set[int],
     report: Report,
 ) -> None:
     """Each close posted its cover and its uncovered rest once, as its summary says (the
     cycle's entries that reverse nothing, in id order, are those of its closes in version
     order); a reversed close's are each reversed once, and a close in force's are not."""
-    reversed_pks = {int(r["cycle_pk"]) for r in reversals}
-    by_cycle: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
-    for cycle in cycles:
-        by_cycle[str(cycle["cycle_id"])].append(cycle)
     for cycle_id, closes in by_cycle.items():
         own = audit.cycle_entries(db, currency, cycle_id)
         originals = [e for e in own if e.reverses == 0]
@@ -377,7 +385,7 @@ def _check_close_entries(
         for entry in own:
             if entry.reverses:
                 reversed_by[entry.reverses].append(entry)
-        for close in sorted(closes, key=lambda c: int(c["version"])):
+        for close in closes:
             name = f"{_cycle_name(close)} of {currency}"
             for kind, column in (
                 (EntryKind.INSURANCE_COVER, "fund_paid"),

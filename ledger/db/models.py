@@ -21,7 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -227,7 +227,26 @@ class Cycle(Base):
     hash: Mapped[str] = mapped_column(String(64), server_default="")
 
 
-class Allocation(Base):
+class AllocationRow:
+    """The columns of one allocation flow, or of its reversal: a compact row, clustered by
+    (cycle, account, position), with no other index (see Allocation)."""
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple[object, ...]:
+        return (
+            CheckConstraint("amount > 0", name="amount_positive"),
+            {"sqlite_with_rowid": False},
+        )
+
+    cycle_pk: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    position_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    pnl: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    entry_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class Allocation(AllocationRow, Base):
     """One ALLOCATION flow: an entry moving `amount` from user:<account_id> to system_loss.
 
     Kept in its own compact table because a cycle writes millions of them in one transaction:
@@ -243,17 +262,6 @@ class Allocation(Base):
     """
 
     __tablename__ = "allocations"
-    __table_args__ = (
-        CheckConstraint("amount > 0", name="amount_positive"),
-        {"sqlite_with_rowid": False},
-    )
-
-    cycle_pk: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    account_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    position_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    pnl: Mapped[int] = mapped_column(BigInteger)
-    amount: Mapped[int] = mapped_column(BigInteger)
-    entry_id: Mapped[int] = mapped_column(BigInteger)
 
 
 class CycleReversal(Base):
@@ -281,23 +289,12 @@ class CycleReversal(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
-class AllocationReversal(Base):
+class AllocationReversal(AllocationRow, Base):
     """One reversed ALLOCATION flow: `amount` back from system_loss to user:<account_id>,
     the entry `entry_id`, which reverses the allocation of the same (cycle, account,
     position). The same compact, clustered shape as Allocation, written in bulk from it."""
 
     __tablename__ = "allocation_reversals"
-    __table_args__ = (
-        CheckConstraint("amount > 0", name="amount_positive"),
-        {"sqlite_with_rowid": False},
-    )
-
-    cycle_pk: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    account_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    position_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    pnl: Mapped[int] = mapped_column(BigInteger)
-    amount: Mapped[int] = mapped_column(BigInteger)
-    entry_id: Mapped[int] = mapped_column(BigInteger)
 
 
 class CloseAttempt(Base):

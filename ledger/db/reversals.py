@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from ledger.db import models
 from ledger.db.batch import BatchStatements, Insert
 from ledger.db.store import ChainHeads
@@ -60,13 +58,13 @@ def latest_close(db: BatchStatements, currency: str, cycle_id: str) -> CloseRow 
     return CloseRow(int(row[0]), int(row[1]), int(row[2]), str(row[3]), bool(row[4]), count)
 
 
-def lock_close(db: BatchStatements, close: CloseRow) -> CloseRow | None:
+def lock_close(
+    db: BatchStatements, currency: str, cycle_id: str, close: CloseRow
+) -> CloseRow | None:
     """PostgreSQL: lock the close's cycle row (its reversals take turns on it), then read
     the cycle's latest close again, as it is now."""
-    ((currency, cycle_id),) = db.execute(
-        "SELECT currency, cycle_id FROM cycles WHERE id = ? FOR UPDATE", (close.pk,)
-    ).fetchall()
-    return latest_close(db, str(currency), str(cycle_id))
+    db.execute("SELECT 1 FROM cycles WHERE id = ? FOR UPDATE", (close.pk,)).fetchall()
+    return latest_close(db, currency, cycle_id)
 
 
 def allocation_count(db: BatchStatements, close: CloseRow) -> int:
@@ -99,12 +97,10 @@ _COPY_ROWS = (
 )
 
 
-def copy_rows(session: Session, close: CloseRow, first_entry_id: int) -> None:
+def copy_rows(db: BatchStatements, close: CloseRow, first_entry_id: int) -> None:
     """The close's allocation rows as reversal rows, their entry ids from first_entry_id, by
     the database itself (one INSERT … SELECT: nothing goes through Python)."""
-    BatchStatements.of_session(session).execute(
-        _COPY_ROWS, (first_entry_id - close.allocation_first_entry_id, close.pk)
-    )
+    db.execute(_COPY_ROWS, (first_entry_id - close.allocation_first_entry_id, close.pk))
 
 
 def write_record(db: BatchStatements, heads: ChainHeads, record: dict[str, Any]) -> None:

@@ -7,8 +7,9 @@ between two different, valid accounts (its postings sum to zero); the fund never
 zero; every cached balance and running total equals what its postings add up to; every closed
 cycle's system loss nets to zero (loss = fund paid + allocated + uncovered, each posted once),
 its allocation rows match the digest its link carries, each is above zero and at most its
-position's pnl, and they sum to its allocated total; every liquidation names its entry.
-One readable problem per broken row, naming it.
+position's pnl, and they sum to its allocated total; every liquidation names its entry. Over
+the whole ledger, every entry and liquidation names a known currency. One readable problem
+per broken row, naming it.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def verify(session: Session, currency: str) -> Report:
     if currency and not codes:
         raise NotFound(f"currency: unknown currency {currency!r}")
     report = Report()
+    if not currency:
+        for kind, key, code in audit.unknown_currencies(db, PROBLEMS_MAX):
+            report.problem(f"{kind} {key} names currency {code!r}, which is not a currency")
     for code in codes:
         _verify_currency(session, db, code, report)
     return report.finish()

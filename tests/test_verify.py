@@ -594,6 +594,23 @@ def test_each_broken_row_named_once(client: Client, database_url: str) -> None:
         assert len(report.problems) == len(rows), report.problems
 
 
+def test_rows_of_an_unknown_currency_are_named(client: Client, database_url: str) -> None:
+    """Entries and liquidations keep no foreign key to their currency (migration 0007): the
+    whole ledger's report names a row whose currency is none, and nothing else."""
+    build(client)
+    with connect(database_url) as conn:
+        d2, _ = entry(conn, "d2")
+        execute(conn, "UPDATE entries SET currency = 'XXX' WHERE id = :i", i=d2)
+        execute(conn, "UPDATE liquidations SET currency = 'XXX' WHERE liquidation_id = 'L4'")
+    every = verify(client)
+    assert not every.ok
+    unknown = [p for p in every.problems if "'XXX'" in p]
+    assert unknown == [
+        f"entry {d2} names currency 'XXX', which is not a currency",
+        "liquidation L4 names currency 'XXX', which is not a currency",
+    ], every.problems
+
+
 def tables_behind(database_url: str) -> dict[str, object]:
     """snapshot() and what it leaves out: the chain heads, every entry's and cycle's link,
     the allocation rows' sum, leftover close attempts."""

@@ -43,6 +43,22 @@ def currencies(db: BatchStatements, only: str | None) -> list[str]:
     return [str(row[0]) for row in rows]
 
 
+_UNKNOWN_CURRENCY = (
+    "SELECT 'entry', CAST(id AS TEXT), currency FROM entries"
+    " WHERE currency NOT IN (SELECT code FROM currencies)"
+    " UNION ALL SELECT 'liquidation', liquidation_id, currency FROM liquidations"
+    " WHERE currency NOT IN (SELECT code FROM currencies)"
+    " ORDER BY 1, 2 LIMIT ?"
+)
+
+
+def unknown_currencies(db: BatchStatements, limit: int) -> list[tuple[str, str, str]]:
+    """Entries and liquidations naming no known currency, as (kind, id, currency): these
+    tables keep no foreign key to their currency (migration 0007), so it is checked here."""
+    rows = db.execute(_UNKNOWN_CURRENCY, (limit,)).fetchall()
+    return [(str(kind), str(key), str(code)) for kind, key, code in rows]
+
+
 def head(db: BatchStatements, currency: str) -> tuple[int, str] | None:
     row = db.execute("SELECT seq, hash FROM chain_heads WHERE currency = ?", (currency,)).fetchone()
     return None if row is None else (int(row[0]), str(row[1]))

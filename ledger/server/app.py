@@ -179,6 +179,7 @@ class LedgerServer:
                     settings.lock_timeout_s,
                     settings.statement_timeout_s,
                     logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                    settings.batch_max,
                 )
             )
             self._committer = GroupCommitter(
@@ -311,9 +312,9 @@ class LedgerServer:
             self._dashboard.close()  # a no-op after stop() closed it
         self.metrics.close()
         if self._committer is not None:
-            self._committer.close()  # answers everything queued
-        if self._writer is not None:
-            self._writer.close()
+            self._committer.close()  # answers everything queued, then stops the writer
+        elif self._writer is not None:
+            self._on_loop(self._writer.aclose())
         if self._checkpointer is not None:
             self._checkpointer.close()
         self._pool.shutdown(wait=True)  # blocking handlers still running finish first

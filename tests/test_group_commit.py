@@ -586,6 +586,32 @@ def test_a_cancelled_liquidation_is_not_written(database_url: str) -> None:
         assert rows["after"] == 1
 
 
+def test_a_liquidation_writer_killed_mid_batch_is_replaced(database_url: str) -> None:
+    """SIGKILL of the writer process while it waits for the locks: its call is answered
+    UNAVAILABLE (nothing was written: it held no locks yet), the next call starts a new
+    writer, and the retry is written once, with the result a fresh recording gives."""
+    with ledger_server(database_url) as (server, client):
+        setup_market(client)
+        client.clearing.RecordLiquidation(profit("warm-up"), timeout=30)
+        before = snapshot(database_url)
+        writer = server.writer_pid()
+        assert writer is not None
+        with database_lock(database_url):
+            call = client.clearing.RecordLiquidation.future(profit("killed"), timeout=60)
+            wait_until(lambda: server.pending_liquidations() == 1, "the call in the writer")
+            os.kill(writer, signal.SIGKILL)
+            error = call.exception(timeout=WAIT_SECONDS)
+            assert isinstance(error, grpc.RpcError) and error.code() == UNAVAILABLE, error
+            assert "retry" in (error.details() or ""), error.details()
+        assert snapshot(database_url) == before, "a killed writer's batch left a trace"
+        retried = client.clearing.RecordLiquidation(profit("killed"), timeout=30)
+        assert retried.outcome == INFLOW and retried.engine_result == 1_000
+        assert server.writer_pid() != writer
+        again = client.clearing.RecordLiquidation(profit("killed"), timeout=30)
+        assert again == retried
+        assert liquidation_rows(database_url)["killed"] == 1
+
+
 @pytest.mark.skipif("postgresql" not in BACKENDS, reason="LEDGER_TEST_BACKENDS leaves it out")
 def test_a_liquidation_committing_when_its_deadline_passes_stands(tmp_path: Path) -> None:
     """PostgreSQL only (SQLite's writer takes the whole write lock before it admits, so

@@ -262,6 +262,14 @@ class LedgerServer:
     def _committer_pending(self) -> int:
         return 0 if self._committer is None else self._committer.pending_items
 
+    def pending_liquidations(self) -> int:
+        """Liquidations queued or being written, not yet answered."""
+        return self._committer_pending()
+
+    def writer_pid(self) -> int | None:
+        """The liquidation writer process's pid (operators' tools, tests)."""
+        return None if self._writer is None else self._writer.pid
+
     def _on_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 

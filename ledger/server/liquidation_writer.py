@@ -113,6 +113,10 @@ class WriterProcess:
         writer_end.close()
         self._process, self._pipe = process, server_end
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else int(self._process.pid)
+
     async def write(self, batch: Sequence[Pending[Call, Reply]], _admit: Admit) -> Replies:
         """Hand a batch to the writer process (sent while the batch before it is being
         written, it is there when that one commits) and wait for its replies."""

@@ -597,10 +597,10 @@ def list_cycles(session: Session, currency: str, page_size: int, page_token: str
 
 
 def _page_token(token: str) -> tuple[int, int]:
-    parts = token.split(".")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 19 for p in parts):
+    closed_at, dot, pk = token.partition(".")
+    if not dot:
         raise InvalidArgument("page_token", token, "is not a token from a previous page")
-    return int(parts[0]), int(parts[1])
+    return money.page_token_number(token, closed_at), money.page_token_number(token, pk)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import Result, literal, select
 from sqlalchemy.orm import Session
 
+from ledger import money
 from ledger.currency import get_currency
 from ledger.db import models
 from ledger.db.store import StoredEntry, stored_entry
@@ -70,9 +71,7 @@ def list_entries(
 def _decode_token(token: str) -> int:
     if not token:
         return INT64_MAX
-    if not token.isdigit() or len(token) > 19:
-        raise InvalidArgument("page_token", token, "is not a token from a previous page")
-    return int(token)
+    return money.page_token_number(token, token)
 
 
 def _journal_rows(

@@ -163,7 +163,7 @@ class GroupCommitter(Generic[Call, Reply]):
             raise ResourceExhausted(
                 f"this call carries {items} liquidations, more than the {self.pending_max} "
                 f"a server process lets wait (--pending-max; {self._pending_items} are "
-                "waiting now); nothing was written: send them in smaller calls"
+                "waiting now); nothing was written: retry them in smaller calls"
             )
         if self._pending_items + items > self.pending_max:
             raise ResourceExhausted(

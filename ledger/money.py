@@ -133,3 +133,13 @@ def rate(numerator: int, denominator: int, places: int = RATE_PLACES) -> str:
     whole, fraction = divmod(scaled, 10**places)
     text = f"{whole}.{fraction:0{places}d}".rstrip("0").rstrip(".")
     return text or "0"
+
+
+_TOKEN_NUMBER = re.compile(r"[0-9]{1,19}")  # ASCII digits: str.isdigit() takes "²" too
+
+
+def page_token_number(token: str, part: str) -> int:
+    """A number of a page token (non-negative, int64), or InvalidArgument naming the token."""
+    if _TOKEN_NUMBER.fullmatch(part) is None or int(part) > INT64_MAX:
+        raise InvalidArgument("page_token", token, "is not a token from a previous page")
+    return int(part)

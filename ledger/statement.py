@@ -304,13 +304,16 @@ def explain(session: Session, cycle_id: str, currency: str, position_id: int) ->
     standing = standings.profit_of(account) if by_account else pnl
     rank = 1 + standings.above(standing)
     floor_pnl = 1 if row.widened else max(row.cutoff_pnl, 1)
-    participant = row.participant_count > 0 and standing >= floor_pnl and pnl > 0
+    # Under account ranking, whether its account participates (a losing position of a
+    # participating account is charged nothing, but its account is in).
+    participant = row.participant_count > 0 and standing >= floor_pnl
+    charged = participant and pnl > 0
     share = (
         Fraction(row.allocated_total * pnl, row.participant_profit)
-        if participant and row.participant_profit
+        if charged and row.participant_profit
         else Fraction(0)
     )
-    if by_account and participant:
+    if by_account and charged:
         # The unit step that gave this position one more is the split of its account's
         # charge over its profitable positions.
         charge = _account_charge(session, row.id, account)
@@ -330,7 +333,7 @@ def explain(session: Session, cycle_id: str, currency: str, position_id: int) ->
         share_numerator=share.numerator,
         share_denominator=share.denominator,
         amount=amount,
-        remainder_unit=participant and amount == base + 1,
+        remainder_unit=charged and amount == base + 1,
     )
 
 

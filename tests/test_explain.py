@@ -50,13 +50,13 @@ def expected(rows: list[Row], ref: Reference, position: Row, *, by_account: bool
         standing = pnl
         rank = 1 + sum(1 for r in profitable if r[2] > pnl)
     low = 1 if ref.widened else max(ref.cutoff_pnl, 1)
-    participant = ref.participant_count > 0 and pnl > 0 and standing >= low
-    share = (
-        Fraction(ref.allocated_total * pnl, ref.participant_profit) if participant else Fraction(0)
-    )
+    # Under account ranking `participant` speaks of the position's account, as rank does.
+    participant = ref.participant_count > 0 and standing >= low
+    charged = participant and pnl > 0
+    share = Fraction(ref.allocated_total * pnl, ref.participant_profit) if charged else Fraction(0)
     amounts = {r[0]: r[3] for r in ref.rows}
     amount = amounts.get(position_id, 0)
-    if by_account and participant:
+    if by_account and charged:
         charge = sum(a for _, acc, _, a in ref.rows if acc == account_id)
         base = charge * pnl // standing
     else:
@@ -74,7 +74,7 @@ def expected(rows: list[Row], ref: Reference, position: Row, *, by_account: bool
         "share_numerator": str(share.numerator),
         "share_denominator": str(share.denominator),
         "amount": amount,
-        "remainder_unit": participant and amount == base + 1,
+        "remainder_unit": charged and amount == base + 1,
     }
 
 
@@ -101,6 +101,38 @@ def test_the_worked_example(client: Client) -> None:
     assert (four.share_numerator, four.share_denominator) == ("0", "1")
     five = explain(client, "c1", 5)
     assert (five.rank, five.participant, five.amount, five.pnl) == (5, False, 0, -80)
+
+
+def test_the_account_ranking_example(client: Client) -> None:
+    """README's example of account ranking, with a losing position in a participating
+    account: rank, cutoff and participant speak of its account; it is charged nothing."""
+    tc.market(client)
+    tc.deposit(client, "d1", 10_000)
+    client.admin.SetPolicy(
+        pb.SetPolicyRequest(
+            currency=tc.JPY, insurance_share="0.2", coverage_ratio="0.9", ranking=pb.RANKING_ACCOUNT
+        )
+    )
+    tc.liquidate(client, "L1", "c1", -1_000)
+    rows = [(1, 1, 500), (2, 2, 300), (3, 3, 150), (4, 3, 40), (5, 3, 40), (6, 3, 40)]
+    rows += [(7, 4, 10), (8, 4, -30), (9, 3, -25)]
+    cs.close(client.channel, "c1", tc.JPY, cs.Positions.of(rows))
+    forty = explain(client, "c1", 4)
+    assert (forty.rank, forty.cutoff_pnl, forty.participant) == (3, 270, True)
+    assert (forty.share_numerator, forty.share_denominator) == ("3200", "107")  # 800×40/1070
+    assert (forty.amount, forty.remainder_unit) == (30, True)  # 29.9 of 202, and a unit
+    losing = explain(client, "c1", 9)
+    assert (losing.rank, losing.participant, losing.amount, losing.remainder_unit) == (
+        3,
+        True,
+        0,
+        False,
+    )
+    assert (losing.share_numerator, losing.share_denominator) == ("0", "1")
+    outside = explain(client, "c1", 8)
+    assert (outside.rank, outside.participant, outside.amount) == (4, False, 0)
+    amounts = [explain(client, "c1", k).amount for k in range(1, 10)]
+    assert amounts == [374, 224, 112, 30, 30, 30, 0, 0, 0]
 
 
 @pytest.mark.parametrize("by_account", [False, True], ids=["positions", "accounts"])

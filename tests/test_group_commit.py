@@ -519,7 +519,7 @@ def pending_now(client: Client) -> int:
         client.clearing.RecordLiquidations(probe, timeout=10)
     assert refused.value.code() == RESOURCE_EXHAUSTED, refused.value
     details = refused.value.details() or ""
-    assert "smaller calls" in details, details
+    assert "retry them in smaller calls" in details, details
     found = re.search(r"(\d+) are waiting now", details)
     assert found, details
     return int(found.group(1))

@@ -233,6 +233,9 @@ def entries_request(**fields: Any) -> pb.ListEntriesRequest:
         row(entries_request(page_token="1.5"), "page_token", "'1.5'"),
         row(entries_request(page_token=" 5"), "page_token", "' 5'"),
         row(entries_request(page_token="9" * 20), "page_token", "9" * 20),
+        row(entries_request(page_token="9" * 19), "page_token", "9" * 19),  # beyond int64
+        row(entries_request(page_token="\u00b2"), "page_token", "'\u00b2'"),  # isdigit()
+        row(entries_request(page_token="\u0662"), "page_token", "'\u0662'"),
         row(entries_request(currency=""), "currency", "''"),
         row(entries_request(currency="usd"), "currency", "'usd'"),
     ],

@@ -279,6 +279,11 @@ def test_list_cycles_pages_newest_first(client: Client, database_url: str) -> No
     cases = [
         (pb.ListCyclesRequest(currency=JPY, page_size=1001), INVALID, "page_size"),
         (pb.ListCyclesRequest(currency=JPY, page_token="nope"), INVALID, "page_token"),
+        (pb.ListCyclesRequest(currency=JPY, page_token="\u00b2.1"), INVALID, "page_token"),
+        (pb.ListCyclesRequest(currency=JPY, page_token="1.\u0662"), INVALID, "page_token"),
+        (pb.ListCyclesRequest(currency=JPY, page_token=f"{2**63}.1"), INVALID, "page_token"),
+        (pb.ListCyclesRequest(currency=JPY, page_token="1." + "9" * 19), INVALID, "page_token"),
+        (pb.ListCyclesRequest(currency=JPY, page_token="1"), INVALID, "page_token"),
         (pb.ListCyclesRequest(currency="EUR"), NOT_FOUND, "EUR"),
         (pb.ListCyclesRequest(currency="x"), INVALID, "currency"),
     ]
@@ -311,6 +316,14 @@ def test_list_open_cycles(client: Client) -> None:
     assert micros(a.last_recorded_at) <= after_us + 10**6
     every = client.query.ListOpenCycles(pb.ListOpenCyclesRequest()).cycles
     assert sorted((c.currency, c.cycle_id) for c in every) == [(JPY, "a"), (JPY, "b"), (KRW, "k")]
+    # A reversed liquidation stays recorded in its open cycle; its loss no longer counts.
+    client.admin.ReverseLiquidation(pb.ReverseLiquidationRequest(liquidation_id="A1"))
+    client.admin.ReverseLiquidation(pb.ReverseLiquidationRequest(liquidation_id="B1"))
+    jpy = client.query.ListOpenCycles(pb.ListOpenCyclesRequest(currency=JPY)).cycles
+    assert [(c.cycle_id, c.loss_total, c.liquidations_count) for c in jpy] == [
+        ("a", 25, 3),
+        ("b", 0, 1),
+    ]
     tc.assert_rejected(
         lambda: client.query.ListOpenCycles(pb.ListOpenCyclesRequest(currency="EUR")),
         NOT_FOUND,

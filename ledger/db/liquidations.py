@@ -121,11 +121,14 @@ def liquidation_row(db: BatchStatements, liquidation_id: str) -> tuple[Any, ...]
     return None if row is None else tuple(row)
 
 
+# A reversed liquidation stays recorded in its cycle (counted, its times too) but its loss
+# no longer counts.
 _OPEN_CYCLES = (
     "SELECT l.currency, l.cycle_id,"
-    f" coalesce(sum(CASE WHEN l.outcome = {OUTCOME_SYSTEM_LOSS} THEN -l.engine_result"
-    " ELSE 0 END), 0), count(*), min(l.created_at_us), max(l.created_at_us)"
-    " FROM liquidations l WHERE {} AND l.reversal_entry_id IS NULL AND NOT EXISTS"
+    f" coalesce(sum(CASE WHEN l.outcome = {OUTCOME_SYSTEM_LOSS}"
+    " AND l.reversal_entry_id IS NULL THEN -l.engine_result ELSE 0 END), 0),"
+    " count(*), min(l.created_at_us), max(l.created_at_us)"
+    " FROM liquidations l WHERE {} AND NOT EXISTS"
     " (SELECT 1 FROM cycles c"
     f" WHERE c.currency = l.currency AND c.cycle_id = l.cycle_id AND {_IN_FORCE})"
     " GROUP BY l.currency, l.cycle_id ORDER BY l.currency, min(l.created_at_us), l.cycle_id"

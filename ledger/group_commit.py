@@ -118,6 +118,11 @@ class Pending(Generic[Call, Reply]):
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
+    @property
+    def abandoned(self) -> bool:
+        """Taken for a batch, then left by its caller before the writer had it."""
+        return self.state is _State.ANSWERED
+
 
 class GroupCommitter(Generic[Call, Reply]):
     """The process's liquidation queue, drained into `writer` one transaction at a time.
@@ -272,7 +277,10 @@ class GroupCommitter(Generic[Call, Reply]):
 
     def _start(self, batch: list[Pending[Call, Reply]]) -> None:
         if self._on_batch is not None:
-            self._on_batch(sum(p.items for p in batch))
+            try:
+                self._on_batch(sum(p.items for p in batch))
+            except Exception:  # a metric must never strand a batch
+                log.exception("the batch observer failed")
         self._in_flight += 1
         assert self._loop is not None
         task = self._loop.create_task(self._write(batch))

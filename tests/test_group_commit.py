@@ -63,8 +63,9 @@ from ledger.group_commit import (
     Pending,
     SyncWriter,
 )
-from ledger.limits import PENDING_LIQUIDATIONS_MAX_DEFAULT
+from ledger.limits import BATCH_ITEMS_MAX_DEFAULT, PENDING_LIQUIDATIONS_MAX_DEFAULT
 from ledger.server.app import LedgerServer, Settings, server_options
+from ledger.server.liquidation_writer import UNARY, WriterProcess, WriterSettings
 from ledger.server.status import status_for
 from tests import cycle_streams as cs
 from tests.conftest import BACKENDS, Client, fresh_database
@@ -610,6 +611,73 @@ def test_a_liquidation_writer_killed_mid_batch_is_replaced(database_url: str) ->
         again = client.clearing.RecordLiquidation(profit("killed"), timeout=30)
         assert again == retried
         assert liquidation_rows(database_url)["killed"] == 1
+
+
+def writer_settings(database_url: str) -> WriterSettings:
+    return WriterSettings(database_url, 5.0, 30.0, "WARNING", BATCH_ITEMS_MAX_DEFAULT)
+
+
+def unary(lid: str) -> tuple[int, bytes]:
+    return (UNARY, profit(lid).SerializeToString())
+
+
+def test_a_call_left_before_its_batch_is_sent_is_not_written(database_url: str) -> None:
+    """The writer process's link is busy (held here) when the batch is taken: its caller
+    goes away before the batch is sent, so before the call has a slot to be marked in. The
+    call is not written; the next one is."""
+    with ledger_server(database_url) as (_, client):
+        setup_market(client)
+    results: list[object] = []
+
+    async def scenario() -> None:
+        writer = WriterProcess(writer_settings(database_url))
+        committer: GroupCommitter[Any, Any] = GroupCommitter(writer)
+        try:
+            async with writer.sending:  # the batch waits to be sent
+                left = committer.submit(unary("left"), 1, None)
+                waiter = asyncio.create_task(committer.result(left))
+                await asyncio.sleep(0.05)
+                waiter.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiter
+            results.append(await answer(committer, committer.submit(unary("kept"), 1, None)))
+        finally:
+            await asyncio.to_thread(committer.close)
+
+    run_on_loop(scenario)
+    (kept,) = results
+    assert isinstance(kept, bytes), kept
+    assert pb.LiquidationResult.FromString(kept).outcome == INFLOW
+    rows = liquidation_rows(database_url)
+    assert rows["left"] == 0, "a call left before its batch was sent was written"
+    assert rows["kept"] == 1
+
+
+def test_batches_sent_together_to_a_new_writer_both_reach_it(database_url: str) -> None:
+    """A second batch handed over while the first is still making the link to a new writer
+    process (pipelined: half a transaction queued) waits for that link, and is written."""
+    with ledger_server(database_url) as (_, client):
+        setup_market(client)
+
+    replies: list[object] = []
+
+    async def scenario() -> None:
+        writer = WriterProcess(writer_settings(database_url))
+        committer: GroupCommitter[Any, Any] = GroupCommitter(writer, batch_max=2)
+        try:
+            first = committer.submit(unary("first"), 1, None)
+            second = committer.submit(unary("second"), 1, None)  # 1 × 2 ≥ batch_max: sent
+            replies.extend([await answer(committer, first), await answer(committer, second)])
+        finally:
+            await asyncio.to_thread(committer.close)
+
+    run_on_loop(scenario)
+    assert len(replies) == 2
+    for reply in replies:
+        assert isinstance(reply, bytes), reply
+        assert pb.LiquidationResult.FromString(reply).outcome == INFLOW
+    rows = liquidation_rows(database_url)
+    assert rows["first"] == rows["second"] == 1
 
 
 @pytest.mark.skipif("postgresql" not in BACKENDS, reason="LEDGER_TEST_BACKENDS leaves it out")

@@ -98,8 +98,16 @@ class WriterProcess:
         self._process: Any = None
         self._pipe: Connection | None = None  # the server's end, until the loop takes it over
         self._link: _Link | None = None
+        # Held while a batch is sent (and the link made first, if it must be): batches go out
+        # in order, and two never make the link at once.
+        self._sending = asyncio.Lock()
         self._sent = 0  # batches sent: each batch's sequence number
-        self._start()
+        self._closed = False
+        try:
+            self._start()
+        except BaseException:
+            self._release_slots()
+            raise
 
     def _start(self) -> None:
         server_end, writer_end = self._context.Pipe(duplex=True)
@@ -117,27 +125,36 @@ class WriterProcess:
     def pid(self) -> int | None:
         return None if self._process is None else int(self._process.pid)
 
+    @property
+    def sending(self) -> asyncio.Lock:
+        """Held while a batch is being sent (tests hold it to hold a batch back)."""
+        return self._sending
+
     async def write(self, batch: Sequence[Pending[Call, Reply]], _admit: Admit) -> Replies:
         """Hand a batch to the writer process (sent while the batch before it is being
         written, it is there when that one commits) and wait for its replies."""
-        link = self._link  # broken once the writer process's end of the pipe is closed
-        if link is None or link.broken:
-            link = await self._restart() if link is not None else await self._connect()
-        first, size, flags = self._next_slot, len(self._flags), self._flags
-        for k, pending in enumerate(batch):
-            slot = (first + k) % size
-            flags[slot] = 0
-            pending.on_abandon = _abandon(flags, slot)
-        self._next_slot = (first + len(batch)) % size
-        self._sent += 1
-        message = (
-            "batch",
-            self._sent,
-            first,
-            [p.call for p in batch],
-            [p.deadline for p in batch],
-        )
-        return await link.write(self._sent, message, len(batch))
+        async with self._sending:
+            link = self._link  # broken once the writer process's end of the pipe is closed
+            if link is None or link.broken:
+                link = await self._restart() if link is not None else await self._connect()
+            # Each call's slot, marked already if its caller went away meanwhile (before
+            # on_abandon was set, the committer could not tell the writer).
+            first, size, flags = self._next_slot, len(self._flags), self._flags
+            for k, pending in enumerate(batch):
+                slot = (first + k) % size
+                flags[slot] = ABANDONED if pending.abandoned else 0
+                pending.on_abandon = _abandon(flags, slot)
+            self._next_slot = (first + len(batch)) % size
+            self._sent += 1
+            message = (
+                "batch",
+                self._sent,
+                first,
+                [p.call for p in batch],
+                [p.deadline for p in batch],
+            )
+            future = await link.send(self._sent, message)
+        return await link.replies(future, len(batch))
 
     async def _connect(self) -> _Link:
         pipe, self._pipe = self._pipe, None
@@ -153,23 +170,35 @@ class WriterProcess:
         return await self._connect()
 
     async def aclose(self) -> None:
-        """After the GroupCommitter has drained: nothing is in flight."""
-        await self._stop_process(timeout_s=30.0)
+        """After the GroupCommitter has drained: nothing is in flight. Closing twice is
+        closing once."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stop_process(timeout_s=30.0)
+        finally:
+            self._release_slots()
+
+    def _release_slots(self) -> None:
         self._flags.release()
         self._slots.close()
-        self._slots.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self._slots.unlink()
 
     async def _stop_process(self, timeout_s: float) -> None:
         link, pipe, process = self._link, self._pipe, self._process
         self._link = self._pipe = self._process = None
-        if link is not None:
-            await link.close()
-        if pipe is not None:
-            with contextlib.suppress(OSError, ValueError):
-                pipe.send(("stop",))
-            pipe.close()
-        if process is not None:
-            await asyncio.get_running_loop().run_in_executor(None, _join, process, timeout_s)
+        try:
+            if link is not None:
+                await link.close()
+            if pipe is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    pipe.send(("stop",))
+                pipe.close()
+        finally:
+            if process is not None:
+                await asyncio.get_running_loop().run_in_executor(None, _join, process, timeout_s)
 
 
 def _buffer(shared: SharedMemory) -> memoryview:
@@ -207,7 +236,8 @@ class _Link:
         reader, writer = await asyncio.open_connection(sock=sock)
         return cls(reader, writer)
 
-    async def write(self, sequence: int, message: tuple[Any, ...], count: int) -> Replies:
+    async def send(self, sequence: int, message: tuple[Any, ...]) -> asyncio.Future[Replies]:
+        """Send a batch; its replies come to the future returned."""
         future: asyncio.Future[Replies] = asyncio.get_running_loop().create_future()
         self._waiting[sequence] = future
         try:
@@ -215,6 +245,9 @@ class _Link:
             await self._writer.drain()
         except (OSError, ValueError) as error:
             self._fail(error)
+        return future
+
+    async def replies(self, future: asyncio.Future[Replies], count: int) -> Replies:
         replies = await future
         return replies if replies else _gone(count)
 
@@ -227,21 +260,25 @@ class _Link:
         self._writer.write(header + data)
 
     async def _read(self) -> None:
+        error: BaseException = EOFError("the server is stopping")
         try:
             while True:
                 (size,) = struct.unpack("!i", await self._reader.readexactly(4))
                 if size == -1:
                     (size,) = struct.unpack("!Q", await self._reader.readexactly(8))
                 _done, sequence, replies = pickle.loads(await self._reader.readexactly(size))
-                future = self._waiting.pop(sequence)
-                if not future.done():
+                future = self._waiting.pop(sequence, None)
+                if future is not None and not future.done():
                     future.set_result(replies)
-        except (asyncio.IncompleteReadError, OSError, ValueError) as error:
-            self._fail(error)
         except asyncio.CancelledError:  # closing: the writer has been told to stop
             self.broken = True
-            self._fail(EOFError("the server is stopping"))
             raise
+        except BaseException as failure:  # the pipe closed, or a reply that makes no sense
+            error = failure
+        finally:
+            # Whatever ended the reading, no batch waits for ever: they are answered
+            # UNAVAILABLE, and the next one starts a new writer.
+            self._fail(error)
 
     def _fail(self, error: BaseException) -> None:
         """The writer process is gone: every batch it had is answered UNAVAILABLE."""
@@ -258,7 +295,7 @@ class _Link:
             self._send(("stop",))
             await self._writer.drain()
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # _fail logged it
             await self._task
         self._writer.close()
         with contextlib.suppress(OSError):

@@ -56,6 +56,7 @@ from ledger.db.session import Database, WriterConnection
 from ledger.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from ledger.group_commit import (
     BATCH_ATTEMPTS_MAX,
+    EXPIRED,
     RETRY_EXHAUSTED,
     Admit,
     BatchRunner,
@@ -65,7 +66,13 @@ from ledger.group_commit import (
 )
 from ledger.limits import BATCH_ITEMS_MAX_DEFAULT, PENDING_LIQUIDATIONS_MAX_DEFAULT
 from ledger.server.app import LedgerServer, Settings, server_options
-from ledger.server.liquidation_writer import UNARY, WriterProcess, WriterSettings
+from ledger.server.liquidation_writer import (
+    ABANDONED,
+    UNARY,
+    Admission,
+    WriterProcess,
+    WriterSettings,
+)
 from ledger.server.status import status_for
 from tests import cycle_streams as cs
 from tests.conftest import BACKENDS, Client, fresh_database
@@ -324,6 +331,24 @@ def test_close_answers_what_is_queued_and_refuses_what_comes_after() -> None:
         assert committer.pending_items == 0
 
     run_on_loop(scenario)
+
+
+def test_the_writer_admits_by_slot_and_deadline() -> None:
+    """The writer's side of admission: a call is admitted unless its slot says its caller
+    went away or its deadline has passed; decided once (an admitted call is committing and
+    stays so if the transaction runs again); late calls are answered DEADLINE_EXCEEDED,
+    abandoned ones nothing. Slots wrap around the ring."""
+    flags = memoryview(bytearray(8))
+    now = time.monotonic()
+    admission = Admission(flags, 5, [None, None, now - 1, now + 60, None])  # slots 5 6 7 0 1
+    flags[6] = flags[1] = ABANDONED  # calls 1 and 4
+    flags[0] = 0
+    assert admission.admit() == [True, False, False, True, False]
+    flags[5] = ABANDONED  # too late: call 0 is committing
+    assert admission.admit() == [True, False, False, True, False]
+    replies: list[Any] = [b"r0", None, None, b"r3", None]
+    assert admission.answer(replies) == [b"r0", None, (4, EXPIRED, None), b"r3", None]
+    assert status_for(DeadlineExceeded(EXPIRED)) == DEADLINE_EXCEEDED
 
 
 def test_the_documented_defaults() -> None:

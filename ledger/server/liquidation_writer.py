@@ -344,7 +344,7 @@ def writer_main(pipe: Connection, settings: WriterSettings, slots_name: str) -> 
                 return
             _batch, sequence, first, calls, deadlines = message
             parsed = [_parse(kind, raw) for kind, raw in calls]
-            admission = _Admission(flags, first, deadlines)
+            admission = Admission(flags, first, deadlines)
             replies = record_calls(runner, parsed, admission.admit)
             try:
                 pipe.send(("done", sequence, admission.answer(replies)))
@@ -357,7 +357,7 @@ def writer_main(pipe: Connection, settings: WriterSettings, slots_name: str) -> 
         slots.close()
 
 
-class _Admission:
+class Admission:
     """A batch's admission, from the calls' slots and deadlines, decided the first time it is
     asked (once its transaction holds its locks): an admitted call is committing, and stays
     admitted if the transaction is run again."""

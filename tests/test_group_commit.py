@@ -638,6 +638,34 @@ def test_a_liquidation_writer_killed_mid_batch_is_replaced(database_url: str) ->
         assert liquidation_rows(database_url)["killed"] == 1
 
 
+def test_a_killed_writer_answers_every_batch_it_had(database_url: str) -> None:
+    """Two batches in the writer process when it is killed (one waiting for the locks, one
+    sent behind it: half a transaction's worth), each answered UNAVAILABLE, nothing written;
+    both sent again are written once."""
+    with ledger_server(database_url, batch_max=4) as (server, client):
+        setup_market(client)
+        client.clearing.RecordLiquidation(profit("warm-up"), timeout=30)
+        before = snapshot(database_url)
+        writer = server.writer_pid()
+        assert writer is not None
+        ids = [f"behind-{k}" for k in range(2)]
+        with database_lock(database_url):
+            first = client.clearing.RecordLiquidation.future(profit("first"), timeout=60)
+            wait_until(lambda: server.pending_liquidations() == 1, "the first in the writer")
+            behind = client.clearing.RecordLiquidations.future(batch_of(*ids), timeout=60)
+            wait_until(lambda: server.pending_liquidations() == 3, "the batch behind it")
+            os.kill(writer, signal.SIGKILL)
+            for call in (first, behind):
+                error = call.exception(timeout=WAIT_SECONDS)
+                assert isinstance(error, grpc.RpcError) and error.code() == UNAVAILABLE, error
+        assert snapshot(database_url) == before, "a killed writer's batches left a trace"
+        assert client.clearing.RecordLiquidation(profit("first"), timeout=30).outcome == INFLOW
+        outcomes = client.clearing.RecordLiquidations(batch_of(*ids), timeout=30).outcomes
+        assert [o.code for o in outcomes] == [0, 0]
+        rows = liquidation_rows(database_url)
+        assert [rows[lid] for lid in ("first", *ids)] == [1, 1, 1]
+
+
 def writer_settings(database_url: str) -> WriterSettings:
     return WriterSettings(database_url, 5.0, 30.0, "WARNING", BATCH_ITEMS_MAX_DEFAULT)
 

@@ -188,7 +188,7 @@ class LedgerServer:
                 batch_max=settings.batch_max,
                 on_batch=self.metrics.batch_size.observe,
             )
-            self.metrics.watch_pending(lambda: self._committer_pending())
+            self.metrics.watch_pending(self.pending_liquidations)
             self.metrics.watch_funds(lambda: fund.balances(self.database))
             self._cycles = CycleService(
                 self.database,
@@ -259,12 +259,9 @@ class LedgerServer:
         )
         return health_servicer, server, port
 
-    def _committer_pending(self) -> int:
-        return 0 if self._committer is None else self._committer.pending_items
-
     def pending_liquidations(self) -> int:
         """Liquidations queued or being written, not yet answered."""
-        return self._committer_pending()
+        return 0 if self._committer is None else self._committer.pending_items
 
     def writer_pid(self) -> int | None:
         """The liquidation writer process's pid (operators' tools, tests)."""

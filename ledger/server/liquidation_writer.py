@@ -53,7 +53,7 @@ from ledger.db.session import Database
 from ledger.errors import InvalidArgument, Unavailable
 from ledger.group_commit import EXPIRED, PIPELINE_DEPTH, Admit, BatchRunner, Pending
 from ledger.liquidation import LiquidationRequest, LiquidationResult
-from ledger.server.codes import reply_status
+from ledger.server.codes import Code, reply_status
 from ledger.server.details import status_details
 
 log = logging.getLogger("ledger.writer")
@@ -62,7 +62,6 @@ UNARY = 1  # a RecordLiquidationRequest
 BATCH = 2  # a RecordLiquidationsRequest
 RECORD_LIQUIDATION = "/insurance.v1.Clearing/RecordLiquidation"
 RECORD_LIQUIDATIONS = "/insurance.v1.Clearing/RecordLiquidations"
-DEADLINE_EXCEEDED = 4  # grpc.StatusCode.DEADLINE_EXCEEDED
 
 Call = tuple[int, bytes]  # (UNARY or BATCH, the request as received)
 # The serialized response, or (status code, message, serialized google.rpc.Status or None).
@@ -384,7 +383,7 @@ class Admission:
         """The late calls not admitted are answered DEADLINE_EXCEEDED (the others, None)."""
         for k, late in enumerate(self._expired):
             if late and replies[k] is None:
-                replies[k] = (DEADLINE_EXCEEDED, EXPIRED, None)
+                replies[k] = (Code.DEADLINE_EXCEEDED, EXPIRED, None)
         return replies
 
 

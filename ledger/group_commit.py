@@ -65,6 +65,12 @@ _RETRYABLE: tuple[type[Exception], ...] = (*DRIVER_ERRORS, Unavailable)
 RETRY_EXHAUSTED = "the database kept refusing this write; nothing was written, try again"
 
 PIPELINE_DEPTH = 2  # transactions handed to the writer at once (one being written, one next)
+# Queued items from which the next transaction is handed over while one is being written:
+# enough that its own cost (a commit, a dozen statements) is small beside its items'. Unary
+# calls never queue so many; RecordLiquidations calls of a few hundred items and more do.
+# (Measured with 4 callers of 1,000 items: on SQLite +8% items/s against waiting for half of
+# batch_max, which 4,000 queued items never reached.)
+PIPELINE_ITEMS_MIN = 256
 
 Admit = Callable[[], Sequence[bool]]
 
@@ -99,7 +105,7 @@ class _State(enum.Enum):
 class Pending(Generic[Call, Reply]):
     """One call on its way through the writer."""
 
-    __slots__ = ("call", "deadline", "future", "items", "on_abandon", "state")
+    __slots__ = ("call", "counted", "deadline", "future", "items", "on_abandon", "state")
 
     def __init__(
         self,
@@ -113,6 +119,7 @@ class Pending(Generic[Call, Reply]):
         self.deadline = deadline  # time.monotonic() seconds, None without a deadline
         self.future = future
         self.state = _State.QUEUED
+        self.counted = True  # its items count toward pending_max
         self.on_abandon: Callable[[], None] | None = None  # set by the writer that has it
 
     def expired(self, now: float) -> bool:
@@ -142,6 +149,7 @@ class GroupCommitter(Generic[Call, Reply]):
         self._writer = writer
         self.pending_max = pending_max
         self._batch_max = batch_max
+        self._pipeline_items = min(PIPELINE_ITEMS_MIN, max(1, batch_max // 2))
         self._on_batch = on_batch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: collections.deque[Pending[Call, Reply]] = collections.deque()
@@ -201,12 +209,19 @@ class GroupCommitter(Generic[Call, Reply]):
         """Drop a call that is not yet committing (the writer skips it); one that is stands."""
         if pending.state is _State.QUEUED:
             self._queued_items -= pending.items
+            self._release(pending)
         elif pending.state is not _State.TAKEN:
             return
         elif pending.on_abandon is not None:
             pending.on_abandon()
+        # Taken, its items count until its batch is answered: the writer may be writing them.
         pending.state = _State.ANSWERED
-        self._pending_items -= pending.items
+
+    def _release(self, pending: Pending[Call, Reply]) -> None:
+        """The call's items no longer count toward pending_max (once, whatever comes first)."""
+        if pending.counted:
+            pending.counted = False
+            self._pending_items -= pending.items
 
     def close(self) -> None:
         """From any thread but the loop's: answer everything queued, then close the writer;
@@ -230,9 +245,10 @@ class GroupCommitter(Generic[Call, Reply]):
     def _schedule(self) -> None:
         """Hand the next batch over if it is time: the writer is idle and the queue holds what
         the last transaction held (else within BATCH_LINGER_SECONDS of now), or one batch is
-        being written and half a transaction's worth is queued (large RecordLiquidations
-        calls: the writer prepares it meanwhile). Unary calls queued behind a transaction go
-        together in the next one."""
+        being written and PIPELINE_ITEMS_MIN items (or half of batch_max, if less) are queued
+        (RecordLiquidations calls: the batch waits in the writer's pipe, ready when the one
+        before commits). Unary calls queued behind a transaction go together in the next
+        one."""
         while self._queue and self._queue[0].state is not _State.QUEUED:
             self._queue.popleft()
         if not self._queue:
@@ -246,7 +262,7 @@ class GroupCommitter(Generic[Call, Reply]):
                     assert self._loop is not None
                     self._linger = self._loop.call_later(BATCH_LINGER_SECONDS, self._lingered)
                 return
-        elif self._in_flight >= PIPELINE_DEPTH or self._queued_items * 2 < self._batch_max:
+        elif self._in_flight >= PIPELINE_DEPTH or self._queued_items < self._pipeline_items:
             return
         if self._linger is not None:
             self._linger.cancel()
@@ -310,7 +326,7 @@ class GroupCommitter(Generic[Call, Reply]):
         for pending in batch:
             if pending.state is _State.TAKEN and pending.expired(now):
                 pending.state = _State.ANSWERED
-                self._pending_items -= pending.items
+                self._release(pending)
                 _set(pending, DeadlineExceeded(EXPIRED))
             elif pending.state is _State.TAKEN:
                 pending.state = _State.COMMITTING
@@ -324,10 +340,10 @@ class GroupCommitter(Generic[Call, Reply]):
     ) -> None:
         """Set each committed call's reply; calls dropped at admission were answered then."""
         for pending, reply in zip(batch, replies, strict=True):
+            self._release(pending)
             if pending.state is _State.ANSWERED:
                 continue
             pending.state = _State.ANSWERED
-            self._pending_items -= pending.items
             _set(pending, Cancelled(_UNWRITTEN) if reply is None else reply)
 
 

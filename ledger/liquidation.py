@@ -240,19 +240,21 @@ def record_batch(
         {r.symbol for r in requests},
         {r.liquidation_id for r in requests},
         {r.cycle_id for r in requests},
+        len(requests),
     )
     wanted = admit()
-    admitted = [r for r, keep in zip(requests, wanted, strict=True) if keep]
-    outcomes, entry_rows, liquidation_rows = decide(admitted, rows)
+    slots = [k for k, keep in enumerate(wanted) if keep]
+    outcomes, entry_rows, liquidation_rows = decide([requests[k] for k in slots], rows, slots)
     connection.commit(stored.writes(rows, entry_rows, liquidation_rows))
     decided = iter(outcomes)
     return [next(decided) if keep else None for keep in wanted]
 
 
 def decide(
-    requests: Sequence[LiquidationRequest], rows: stored.BatchRows
+    requests: Sequence[LiquidationRequest], rows: stored.BatchRows, slots: Sequence[int]
 ) -> tuple[Outcomes, list[tuple[object, ...]], list[tuple[object, ...]]]:
-    """Each request's outcome, and the entry and liquidation rows that record the batch."""
+    """Each request's outcome, and the entry and liquidation rows that record the batch.
+    `slots[i]` is the batch index of request i, whose entry id it takes (see EntryIds)."""
     contracts = {
         symbol: _Contract(
             currency, ContractKind(kind), Decimal(multiplier).as_integer_ratio(), scale
@@ -317,7 +319,7 @@ def decide(
             if refused is not None:
                 outcomes[i] = refused
                 continue
-            entry_id = rows.entry_ids.take()
+            entry_id = rows.entry_ids.take(slots[i])
             link = rows.heads.link_entry(entry_id, entry, created)
             entry_rows.append(store.entry_row(entry_id, entry, created, link))
         first_in_batch[r.liquidation_id] = i

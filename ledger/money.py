@@ -124,15 +124,15 @@ RATE_PLACES = 12
 
 
 def rate(numerator: int, denominator: int, places: int = RATE_PLACES) -> str:
-    """numerator / denominator as a decimal string rounded half up to `places` decimals, in
-    canonical form; "0" for a zero denominator. Integers only: no float, no Decimal context."""
+    """numerator / denominator as a decimal string rounded half up to `places` decimals, all of
+    them written ("0.500000000000": a published rate reads the same whatever its value); "0"
+    for a zero denominator. Integers only: no float, no Decimal context."""
     if denominator == 0:
         return "0"
     assert numerator >= 0 and denominator > 0, (numerator, denominator)
     scaled = (2 * numerator * 10**places + denominator) // (2 * denominator)  # half up
     whole, fraction = divmod(scaled, 10**places)
-    text = f"{whole}.{fraction:0{places}d}".rstrip("0").rstrip(".")
-    return text or "0"
+    return f"{whole}.{fraction:0{places}d}"
 
 
 _TOKEN_NUMBER = re.compile(r"[0-9]{1,19}")  # ASCII digits: str.isdigit() takes "²" too

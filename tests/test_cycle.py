@@ -128,7 +128,7 @@ def fields(summary: pb.CycleSummary) -> dict[str, object]:
 
 def published_rate(allocated: int, participant_profit: int) -> str:
     """The published allocation rate, computed here: allocated / participant_profit, rounded
-    half up to 12 places (Decimal at 80 digits decides the 12th place exactly), canonical."""
+    half up to 12 places (Decimal at 80 digits decides the 12th place exactly), all written."""
     if not participant_profit:
         return "0"
     with localcontext() as context:
@@ -136,7 +136,7 @@ def published_rate(allocated: int, participant_profit: int) -> str:
         value = (Decimal(allocated) / Decimal(participant_profit)).quantize(
             Decimal(1).scaleb(-12), rounding=ROUND_HALF_UP
         )
-    return format(value.normalize(), "f") if value else "0"
+    return format(value, "f")
 
 
 def published(allocated: int, participant_profit: int, version: int = 1) -> dict[str, object]:

@@ -188,7 +188,9 @@ def test_cancelled_calls_are_not_written() -> None:
             for waiter in waiters:
                 with pytest.raises(asyncio.CancelledError):
                     await waiter
-            assert committer.pending_items == 0, "a cancelled call still counts"
+            # The queued one no longer counts; the taken one does until its batch is answered
+            # (the writer may be writing it: pending_max bounds what the writer holds too).
+            assert committer.pending_items == 1, "cancelled calls counted wrong"
             after = committer.submit("after", 1, None)
             writer.release.set()
             assert await answer(committer, after) == "done:after"

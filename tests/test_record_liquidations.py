@@ -223,7 +223,8 @@ def assert_result(result: pb.LiquidationResult, expected: Expected) -> None:
 
 
 def assert_same_outcome(got: pb.LiquidationOutcome, want: pb.LiquidationOutcome) -> None:
-    """Field by field; entry ids only as "an entry was posted or not" (two databases)."""
+    """Field by field, entry ids too: two databases given the same calls in the same order,
+    however batched, give their entries the same ids."""
     assert (got.code, got.message) == (want.code, want.message)
     assert got.HasField("result") == want.HasField("result")
     g, w = got.result, want.result
@@ -234,7 +235,7 @@ def assert_same_outcome(got: pb.LiquidationOutcome, want: pb.LiquidationOutcome)
         w.outcome,
         w.fund_balance,
     )
-    assert (g.entry_id != 0) == (w.entry_id != 0)
+    assert g.entry_id == w.entry_id
 
 
 def assert_outcome_shape(outcome: pb.LiquidationOutcome) -> None:
@@ -516,15 +517,15 @@ EVERY_REQUEST = [r for row in ROWS for r in (*row.before, *row.requests())]
 
 def ledger_rows(database_url: str, currency: str | None = None) -> tuple[object, ...]:
     """What two databases given the same calls must hold alike: the cached balances, the
-    entries without their ids, and the recorded liquidations."""
+    entries with their ids, and the recorded liquidations with their entries' ids."""
     engine = create_engine(database_url)
     where, params = ("", {}) if currency is None else (" WHERE currency = :c", {"c": currency})
     try:
         with engine.connect() as conn:
             entries = conn.execute(
                 text(
-                    "SELECT currency, kind, reference, debit_account, credit_account, amount "
-                    f"FROM entries{where}"
+                    "SELECT id, currency, kind, reference, debit_account, credit_account, amount"
+                    f" FROM entries{where}"
                 ),
                 params,
             ).all()
@@ -532,7 +533,7 @@ def ledger_rows(database_url: str, currency: str | None = None) -> tuple[object,
                 text(
                     "SELECT liquidation_id, request_hash, currency, cycle_id, symbol, account_id,"
                     " position_id, side, quantity, takeover_price, close_price, remaining_margin,"
-                    " engine_result, outcome, fund_balance_after, entry_id IS NULL"
+                    " engine_result, outcome, fund_balance_after, entry_id"
                     f" FROM liquidations{where}"
                 ),
                 params,
@@ -628,7 +629,9 @@ def test_empty_and_oversized_batches_are_refused_whole(client: Client, database_
         with pytest.raises(grpc.RpcError) as error:
             record_batch(client, requests)
         assert error.value.code() == INVALID_ARGUMENT, len(requests)
-        assert str(LIMIT) in error.value.details(), error.value.details()
+        details = error.value.details() or ""
+        assert str(LIMIT) in details and f"{LIMIT:,}" in details, details
+        assert "liquidations" in details, details  # the field
         assert snapshot(database_url) == before
 
 

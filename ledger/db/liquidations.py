@@ -51,10 +51,15 @@ class BatchRows:
 
 
 def read(
-    db: BatchStatements, symbols: set[str], liquidation_ids: set[str], cycle_ids: set[str]
+    db: BatchStatements,
+    symbols: set[str],
+    liquidation_ids: set[str],
+    cycle_ids: set[str],
+    requests: int,
 ) -> BatchRows:
     """Lock the accounts of the symbols' currencies, then read the rest (each statement of
-    PostgreSQL's pipeline reads its own snapshot, so these see what the locks waited for)."""
+    PostgreSQL's pipeline reads its own snapshot, so these see what the locks waited for),
+    with an entry id for each of the batch's `requests`."""
     lock = store.lock_accounts_query(db, ACCOUNT_NAMES, Query(_CURRENCIES_OF_SYMBOLS, symbols))
     account_rows, contracts, previous, closed, ids, heads = db.select_together(
         [lock],
@@ -62,7 +67,7 @@ def read(
             Query(_SELECT_CONTRACTS, symbols),
             Query(_SELECT_PREVIOUS, liquidation_ids),
             Query(_SELECT_CLOSED, cycle_ids),
-            store.entry_ids_query(db, len(liquidation_ids)),
+            store.entry_ids_query(db, requests),
             store.chain_heads_query(Query(_CURRENCIES_OF_SYMBOLS, symbols)),
         ],
     )

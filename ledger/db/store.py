@@ -210,17 +210,24 @@ _SQLITE_SET_COUNTER = "UPDATE counters SET next_value = ? WHERE name = 'entry_id
 class EntryIds:
     """Entry ids for one transaction, handed out in ascending order as entries are made.
 
-    On PostgreSQL they are taken from the sequence beforehand (an upper bound; unused ones
-    are a gap, as a sequence's ids are after a rollback); on SQLite they follow the counter,
-    which `writes()` moves on.
+    On PostgreSQL they are taken from the sequence beforehand, one for each request of the
+    transaction that may make an entry (unused ones are a gap, as a sequence's ids are after
+    a rollback). A liquidation batch's request takes the id of its own index (`take(slot)`),
+    whether or not an earlier one made an entry: so a batch's entries get the ids its
+    requests would get one by one, and a ledger does not depend on how its liquidations were
+    batched. On SQLite they follow the counter, which `writes()` moves on: no gaps.
     """
 
     ids: list[int]
     counter: int | None = None  # SQLite: the counter's value when read
     used: int = field(default=0)
 
-    def take(self) -> int:
-        entry_id = self.counter + self.used if self.counter is not None else self.ids[self.used]
+    def take(self, slot: int | None = None) -> int:
+        """The next id; on PostgreSQL, with a `slot`, the one reserved for that request."""
+        if self.counter is not None:
+            entry_id = self.counter + self.used
+        else:
+            entry_id = self.ids[self.used if slot is None else slot]
         self.used += 1
         return entry_id
 

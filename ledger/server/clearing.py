@@ -53,7 +53,8 @@ class ClearingService(pb_grpc.ClearingServicer):
             raise InvalidArgument(
                 "liquidations",
                 count,
-                f"must hold 1 to {LIQUIDATIONS_PER_CALL_MAX} items (the limit of one call)",
+                f"must hold 1 to {LIQUIDATIONS_PER_CALL_MAX} items "
+                f"({LIQUIDATIONS_PER_CALL_MAX:,} is the limit of one call)",
             )
         return await self._record((BATCH, request), count, context)
 

@@ -27,6 +27,8 @@ def test_liquidation_benchmark_runs() -> None:
             "rust,python",
             "--batch-size",
             "100",
+            "--rounds",
+            "1",
         ],
         check=True,
         capture_output=True,
@@ -43,3 +45,6 @@ def test_liquidation_benchmark_runs() -> None:
     assert all(int(rate) > 0 and float(ratio) > 0 for _, rate, ratio in unary), out
     batch = re.findall(r"^sqlite\s+python\s+batch of 100\s+(\d+)\s+(\d+)\s", out, re.M)
     assert len(batch) == 1 and int(batch[0][0]) > 0 and int(batch[0][1]) > 0, out
+    medians = re.findall(r"^sqlite\s+(rust|python)\s+unary / empty, median of 1 rounds", out, re.M)
+    assert sorted(medians) == ["python", "rust"], out
+    assert re.search(r"^sqlite\s+python\s+batch items/s, median of 1 rounds: [1-9]", out, re.M), out

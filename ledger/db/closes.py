@@ -187,6 +187,11 @@ def finish(db: BatchStatements, plan: ClosePlan, cycle_pk: int, first_entry_id: 
     ).fetchall()
     fund = accounts[(plan.currency, INSURANCE_FUND)].balance
     basis = plan.basis
+    # The fund must still hold what it pays. Inflows meanwhile (liquidations of the next
+    # cycle flow in all through a close) leave the close as computed, even when the fund paid
+    # all it had: it pays what it held at the close's snapshot, and the journal, in commit
+    # order, stays consistent. Computing again at each inflow would never finish without the
+    # locks, and holding them stalls the liquidations the close must not stall.
     if loss != basis.loss_total or version != basis.policy_version or fund < plan.fund_paid:
         raise Stale(
             f"cycle {plan.cycle_id!r} of {plan.currency}: loss {basis.loss_total} → {loss}, "

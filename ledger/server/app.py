@@ -49,7 +49,7 @@ from ledger.limits import (
     SHUTDOWN_GRACE_SECONDS,
     STREAM_IDLE_SECONDS_DEFAULT,
 )
-from ledger.server import auth
+from ledger.server import auth, heap
 from ledger.server.admin import AdminService
 from ledger.server.clearing import ClearingService, Committer
 from ledger.server.cycles import CycleService
@@ -445,6 +445,7 @@ def serve(settings: Settings) -> int:
     server = LedgerServer(settings, security=security)
     reload.attach(server)
     server.start()
+    heap.settle()
     print(f"ledger listening on port {server.port} ({server.security.note()})", flush=True)
     _wait_for(stopping)
     server.stop()
@@ -552,6 +553,7 @@ def _worker(settings: Settings, ready: Any) -> None:
     server = LedgerServer(settings, reuse_port=True)
     reload.attach(server)
     server.start()
+    heap.settle()
     ready.put(os.getpid())
     _wait_for(stopping)
     server.stop()

@@ -53,6 +53,7 @@ from ledger.db.session import Database
 from ledger.errors import InvalidArgument, Unavailable
 from ledger.group_commit import EXPIRED, PIPELINE_DEPTH, Admit, BatchRunner, Pending
 from ledger.liquidation import LiquidationRequest, LiquidationResult
+from ledger.server import heap
 from ledger.server.codes import Code, reply_status
 from ledger.server.details import status_details
 
@@ -333,6 +334,7 @@ def writer_main(pipe: Connection, settings: WriterSettings, slots_name: str) -> 
     runner: BatchRunner[LiquidationRequest, LiquidationResult] = BatchRunner(
         database.writer_connection, liquidation.record_batch
     )
+    heap.settle()
     try:
         while True:
             try:

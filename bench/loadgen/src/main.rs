@@ -1,6 +1,8 @@
 //! RecordLiquidation load: `--clients` concurrent clients, each on its own connection, each
 //! sending one call at a time and waiting for its reply, for `--warmup` then `--seconds`.
-//! Prints `calls=… errors=… p50_us=… p99_us=…` for the measured window.
+//! With `--batch-size N`, each call is a RecordLiquidations of N items instead, and every
+//! outcome is checked. Prints `calls=… errors=… p50_us=… p99_us=…` for the measured window
+//! (calls, not items).
 //!
 //! The benchmark's clients run on the server's machine; a client written in Rust leaves the
 //! CPU to the server (the Python client's own cost per call is as large as the server's).
@@ -43,7 +45,33 @@ struct LiquidationResult {
     liquidation_id: String,
 }
 
+/// insurance.v1.RecordLiquidationsRequest.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RecordLiquidationsRequest {
+    #[prost(message, repeated, tag = "1")]
+    liquidations: Vec<RecordLiquidationRequest>,
+}
+
+/// insurance.v1.LiquidationOutcome.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LiquidationOutcome {
+    #[prost(uint32, tag = "1")]
+    code: u32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, optional, tag = "3")]
+    result: Option<LiquidationResult>,
+}
+
+/// insurance.v1.RecordLiquidationsResponse.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RecordLiquidationsResponse {
+    #[prost(message, repeated, tag = "1")]
+    outcomes: Vec<LiquidationOutcome>,
+}
+
 const METHOD: &str = "/insurance.v1.Clearing/RecordLiquidation";
+const BATCH_METHOD: &str = "/insurance.v1.Clearing/RecordLiquidations";
 
 struct Args {
     target: String,
@@ -51,6 +79,7 @@ struct Args {
     seconds: f64,
     warmup: f64,
     prefix: String,
+    batch_size: u64,
 }
 
 fn parse_args() -> Args {
@@ -60,6 +89,7 @@ fn parse_args() -> Args {
         seconds: 10.0,
         warmup: 1.0,
         prefix: "r".into(),
+        batch_size: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +100,7 @@ fn parse_args() -> Args {
             "--seconds" => args.seconds = value.parse().expect("--seconds"),
             "--warmup" => args.warmup = value.parse().expect("--warmup"),
             "--prefix" => args.prefix = value,
+            "--batch-size" => args.batch_size = value.parse().expect("--batch-size"),
             _ => panic!("unknown flag {flag}"),
         }
     }
@@ -140,6 +171,72 @@ async fn client(
     (latencies, errors)
 }
 
+/// Like `client`, each call a RecordLiquidations of `batch_size` items; a call counts as an
+/// error unless every item is OK and answered in request order.
+async fn batch_client(
+    channel: Channel,
+    prefix: String,
+    client: usize,
+    batch_size: u64,
+    measure_from: Instant,
+    stop_at: Instant,
+) -> (Vec<u64>, u64) {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let path = PathAndQuery::from_static(BATCH_METHOD);
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    let mut n = 0;
+    loop {
+        let started = Instant::now();
+        if started >= stop_at {
+            break;
+        }
+        grpc.ready().await.expect("channel ready");
+        let codec: ProstCodec<RecordLiquidationsRequest, RecordLiquidationsResponse> =
+            ProstCodec::default();
+        let sent = RecordLiquidationsRequest {
+            liquidations: (n..n + batch_size)
+                .map(|k| request(&prefix, client, k))
+                .collect(),
+        };
+        let ids: Vec<String> = sent
+            .liquidations
+            .iter()
+            .map(|item| item.liquidation_id.clone())
+            .collect();
+        n += batch_size;
+        match grpc
+            .unary(tonic::Request::new(sent), path.clone(), codec)
+            .await
+        {
+            Ok(reply) => {
+                let outcomes = &reply.get_ref().outcomes;
+                let wrong = outcomes.len() != ids.len()
+                    || outcomes.iter().zip(&ids).any(|(outcome, id)| {
+                        outcome.code != 0
+                            || outcome.result.as_ref().map(|r| &r.liquidation_id) != Some(id)
+                    });
+                if wrong {
+                    errors += 1;
+                    if errors == 1 {
+                        let first = outcomes.iter().find(|outcome| outcome.code != 0);
+                        eprintln!("client {client}: a batch came back wrong: {first:?}");
+                    }
+                } else if started >= measure_from {
+                    latencies.push(started.elapsed().as_micros() as u64);
+                }
+            }
+            Err(status) => {
+                errors += 1;
+                if errors == 1 {
+                    eprintln!("client {client}: {status}");
+                }
+            }
+        }
+    }
+    (latencies, errors)
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -171,13 +268,19 @@ fn main() {
             .into_iter()
             .enumerate()
             .map(|(k, channel)| {
-                tokio::spawn(client(
-                    channel,
-                    args.prefix.clone(),
-                    k,
-                    measure_from,
-                    stop_at,
-                ))
+                let prefix = args.prefix.clone();
+                if args.batch_size > 0 {
+                    tokio::spawn(batch_client(
+                        channel,
+                        prefix,
+                        k,
+                        args.batch_size,
+                        measure_from,
+                        stop_at,
+                    ))
+                } else {
+                    tokio::spawn(client(channel, prefix, k, measure_from, stop_at))
+                }
             })
             .collect();
         let mut latencies = Vec::new();

@@ -14,9 +14,9 @@ Each row runs ROUNDS times and the medians are printed: this host's speed drifts
 quarter within minutes, and a single pair of runs moves the unary ratio by as much.
 
 Two load generators, as the clients share the server's two cores: `rust` (bench/loadgen, a
-tonic client built here with cargo, a few tens of microseconds of CPU per call, about 0.3 ms
-per batch of 1,000) and `python` (grpc.aio in LOAD_PROCESSES processes; building a batch of
-1,000 requests costs it about 2.5 ms of CPU). Each runs the unary and the batch rows.
+tonic client built here with cargo, a few tens of microseconds of CPU per call) and `python`
+(grpc.aio in LOAD_PROCESSES processes; building a batch of 1,000 requests costs it about
+2.5 ms of CPU). Each runs the unary and the batch rows.
 
     python bench/bench_liquidations.py [--seconds 10] [--clients 16] [--batch-callers 4]
         [--batch-size 1000] [--workers 1] [--backends sqlite,postgresql] [--client rust,python]

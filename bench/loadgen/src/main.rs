@@ -125,6 +125,46 @@ fn request(prefix: &str, client: usize, n: u64) -> RecordLiquidationRequest {
     }
 }
 
+/// One client's measured calls: the latency of each call that succeeded within the measured
+/// window, and the count of failed calls (the first one's reason printed).
+struct Tally {
+    client: usize,
+    measure_from: Instant,
+    latencies: Vec<u64>,
+    errors: u64,
+}
+
+impl Tally {
+    fn new(client: usize, measure_from: Instant) -> Self {
+        Self {
+            client,
+            measure_from,
+            latencies: Vec::new(),
+            errors: 0,
+        }
+    }
+
+    /// A call started at `started` has ended, well or with the reason it failed.
+    fn record(&mut self, started: Instant, outcome: Result<(), String>) {
+        match outcome {
+            Ok(()) if started >= self.measure_from => {
+                self.latencies.push(started.elapsed().as_micros() as u64);
+            }
+            Ok(()) => {}
+            Err(why) => {
+                self.errors += 1;
+                if self.errors == 1 {
+                    eprintln!("client {}: {why}", self.client);
+                }
+            }
+        }
+    }
+
+    fn into_parts(self) -> (Vec<u64>, u64) {
+        (self.latencies, self.errors)
+    }
+}
+
 async fn client(
     channel: Channel,
     prefix: String,
@@ -134,8 +174,7 @@ async fn client(
 ) -> (Vec<u64>, u64) {
     let mut grpc = tonic::client::Grpc::new(channel);
     let path = PathAndQuery::from_static(METHOD);
-    let mut latencies = Vec::new();
-    let mut errors = 0;
+    let mut tally = Tally::new(client, measure_from);
     for n in 0.. {
         let started = Instant::now();
         if started >= stop_at {
@@ -148,31 +187,21 @@ async fn client(
         let reply = grpc
             .unary(tonic::Request::new(sent), path.clone(), codec)
             .await;
-        match reply {
-            Ok(reply) if reply.get_ref().liquidation_id != id => {
-                errors += 1;
-                eprintln!(
-                    "client {client}: reply for {:?}, sent {id:?}",
-                    reply.get_ref().liquidation_id
-                );
-            }
-            Ok(_) if started >= measure_from => {
-                latencies.push(started.elapsed().as_micros() as u64);
-            }
-            Ok(_) => {}
-            Err(status) => {
-                errors += 1;
-                if errors == 1 {
-                    eprintln!("client {client}: {status}");
-                }
-            }
-        }
+        let outcome = match reply {
+            Ok(reply) if reply.get_ref().liquidation_id != id => Err(format!(
+                "reply for {:?}, sent {id:?}",
+                reply.get_ref().liquidation_id
+            )),
+            Ok(_) => Ok(()),
+            Err(status) => Err(status.to_string()),
+        };
+        tally.record(started, outcome);
     }
-    (latencies, errors)
+    tally.into_parts()
 }
 
-/// Like `client`, each call a RecordLiquidations of `batch_size` items; a call counts as an
-/// error unless every item is OK and answered in request order.
+/// Like `client`, each call a RecordLiquidations of `batch_size` items; a call fails unless
+/// every item is OK and answered in request order.
 async fn batch_client(
     channel: Channel,
     prefix: String,
@@ -183,8 +212,7 @@ async fn batch_client(
 ) -> (Vec<u64>, u64) {
     let mut grpc = tonic::client::Grpc::new(channel);
     let path = PathAndQuery::from_static(BATCH_METHOD);
-    let mut latencies = Vec::new();
-    let mut errors = 0;
+    let mut tally = Tally::new(client, measure_from);
     let mut n = 0;
     loop {
         let started = Instant::now();
@@ -205,36 +233,34 @@ async fn batch_client(
             .map(|item| item.liquidation_id.clone())
             .collect();
         n += batch_size;
-        match grpc
+        let reply = grpc
             .unary(tonic::Request::new(sent), path.clone(), codec)
-            .await
-        {
-            Ok(reply) => {
-                let outcomes = &reply.get_ref().outcomes;
-                let wrong = outcomes.len() != ids.len()
-                    || outcomes.iter().zip(&ids).any(|(outcome, id)| {
-                        outcome.code != 0
-                            || outcome.result.as_ref().map(|r| &r.liquidation_id) != Some(id)
-                    });
-                if wrong {
-                    errors += 1;
-                    if errors == 1 {
-                        let first = outcomes.iter().find(|outcome| outcome.code != 0);
-                        eprintln!("client {client}: a batch came back wrong: {first:?}");
-                    }
-                } else if started >= measure_from {
-                    latencies.push(started.elapsed().as_micros() as u64);
-                }
-            }
-            Err(status) => {
-                errors += 1;
-                if errors == 1 {
-                    eprintln!("client {client}: {status}");
-                }
-            }
+            .await;
+        let outcome = match reply {
+            Ok(reply) => check_outcomes(&reply.get_ref().outcomes, &ids),
+            Err(status) => Err(status.to_string()),
+        };
+        tally.record(started, outcome);
+    }
+    tally.into_parts()
+}
+
+/// One OK outcome per item, in request order.
+fn check_outcomes(outcomes: &[LiquidationOutcome], ids: &[String]) -> Result<(), String> {
+    if outcomes.len() != ids.len() {
+        return Err(format!(
+            "{} outcomes for {} items",
+            outcomes.len(),
+            ids.len()
+        ));
+    }
+    for (outcome, id) in outcomes.iter().zip(ids) {
+        let answered = outcome.result.as_ref().map(|result| &result.liquidation_id);
+        if outcome.code != 0 || answered != Some(id) {
+            return Err(format!("item {id:?} came back as {outcome:?}"));
         }
     }
-    (latencies, errors)
+    Ok(())
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {

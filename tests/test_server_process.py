@@ -255,3 +255,34 @@ def test_workers_share_the_port_and_stop_together(database_url: str, tmp_path: P
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=EXIT_SECONDS) == 0, stderr.read_text()
         assert stderr.read_text().count("serving on port") == 2
+
+
+# A child interpreter that stops 3,000 times on a timer signal whose handler sets the stop
+# request, with the poll shortened so that the signal often lands while the main thread is
+# inside its wait. Built on threading.Event (set from the handler while the main thread is
+# in Event.wait) it deadlocks within a few hundred rounds.
+STOP_STRESS = """
+import signal
+from ledger.server import app
+app.SIGNAL_POLL_SECONDS = 1e-5
+current = app.StopRequest()
+signal.signal(signal.SIGALRM, lambda *_: current.set())
+for n in range(3000):
+    current = app.StopRequest()
+    signal.setitimer(signal.ITIMER_REAL, 0.0001 + (n % 7) * 0.00013)
+    app.wait_for_stop(current)
+print("stopped", n + 1)
+"""
+
+
+def test_a_stop_signal_during_the_wait_always_stops() -> None:
+    """The stop signal's handler never waits for a lock the main thread holds (CI saw a
+    worker of `--workers 2` ignore its SIGTERM: Event.set in the handler, Event.wait below)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", STOP_STRESS], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the main thread never saw a stop request that its signal handler set")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["stopped", "3000"]

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass, replace
@@ -405,14 +406,31 @@ def message_class(name: str) -> Any:
 SIGNAL_POLL_SECONDS = 0.25
 
 
-def _wait_for(stopping: threading.Event) -> None:
+class StopRequest:
+    """Set by the SIGTERM/SIGINT handler, read by the main thread. A plain flag, not a
+    threading.Event: a handler runs on the main thread between two bytecodes, and if that
+    thread is inside Event.wait it holds the Event's lock there, so the handler's Event.set
+    waits for a lock its own thread holds and the process never stops (seen in CI: a
+    SIGTERM that a worker of `--workers 2` never acted on)."""
+
+    def __init__(self) -> None:
+        self._requested = False
+
+    def set(self) -> None:
+        self._requested = True
+
+    def is_set(self) -> bool:
+        return self._requested
+
+
+def wait_for_stop(stopping: StopRequest) -> None:
     """Wait until a signal handler sets `stopping`, waking now and then. Python runs signal
     handlers on the main thread only when it runs bytecode, and a process's signal may be
     delivered to any of its threads (grpc's, rayon's): a main thread blocked in one untimed
     wait is then never woken to run the handler (seen in CI: a SIGTERM that never stopped
-    the server)."""
-    while not stopping.wait(SIGNAL_POLL_SECONDS):
-        pass
+    the server). Sleeping holds no lock a handler could need."""
+    while not stopping.is_set():
+        time.sleep(SIGNAL_POLL_SECONDS)
 
 
 def serve(settings: Settings) -> int:
@@ -423,7 +441,7 @@ def serve(settings: Settings) -> int:
     core at a time); this process migrates the database, starts them, forwards the stop
     signal and returns 0 once every one has stopped cleanly.
     """
-    stopping = threading.Event()
+    stopping = StopRequest()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -447,7 +465,7 @@ def serve(settings: Settings) -> int:
     server.start()
     heap.settle()
     print(f"ledger listening on port {server.port} ({server.security.note()})", flush=True)
-    _wait_for(stopping)
+    wait_for_stop(stopping)
     server.stop()
     log.info("stopped")
     return 0
@@ -475,7 +493,7 @@ class _Reloader:
             server.reload_auth()
 
 
-def _serve_workers(settings: Settings, stopping: threading.Event, security: auth.Security) -> int:
+def _serve_workers(settings: Settings, stopping: StopRequest, security: auth.Security) -> int:
     database = Database(settings.database_url, pool_size=1)
     try:
         upgrade(database)
@@ -521,7 +539,7 @@ def _serve_workers(settings: Settings, stopping: threading.Event, security: auth
             f"ledger listening on port {port} ({len(workers)} workers; {security.note()})",
             flush=True,
         )
-    _wait_for(stopping)
+    wait_for_stop(stopping)
     for worker in workers:
         if worker.pid is not None and worker.exitcode is None:
             os.kill(worker.pid, signal.SIGTERM)
@@ -545,7 +563,7 @@ def _worker(settings: Settings, ready: Any) -> None:
         level=os.environ.get("LEDGER_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s",
     )
-    stopping = threading.Event()
+    stopping = StopRequest()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     reload = _Reloader()
@@ -555,5 +573,5 @@ def _worker(settings: Settings, ready: Any) -> None:
     server.start()
     heap.settle()
     ready.put(os.getpid())
-    _wait_for(stopping)
+    wait_for_stop(stopping)
     server.stop()

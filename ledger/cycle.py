@@ -246,7 +246,8 @@ def reverse(database: Database, key: CycleKey, reason: str) -> CycleSummary:
 
     The allocation rows' entry ids are reserved first (on PostgreSQL in a transaction of
     their own). On PostgreSQL the reversal rows are then written holding only the close's
-    cycle row, as the close writes its rows before it takes the currency's; the entries and
+    cycle row, as the close writes its rows before it takes the currency's (a big reversal
+    over two connections at once: db/reversals.write_rows); the entries and
     the record are written under the currency's rows, so no liquidation or close of the
     currency comes between the last check and the write. SQLite has one writer: it does it
     all in one transaction. If the close moved meanwhile (reversed by another call), the
@@ -279,13 +280,13 @@ def reverse(database: Database, key: CycleKey, reason: str) -> CycleSummary:
                     if reversals.lock_close(db, key.currency, key.cycle_id, close) != close:
                         raise _Moved
                     if count:
-                        reversals.copy_rows(db, close, first_id)
+                        reversals.write_rows(database, db, close, first_id, count)
                 accounts = closes.lock(db, key.currency)
                 if reversals.latest_close(db, key.currency, key.cycle_id) != close:
                     raise _Moved  # reversed (or reversed and closed again) meanwhile
                 if count and database.is_sqlite:
                     first_id = store.reserve_entry_block(db, count)
-                    reversals.copy_rows(db, close, first_id)
+                    reversals.write_rows(database, db, close, first_id, count)
                 summary = _stored(session, key)
                 assert summary is not None and summary.state == CycleState.CLOSED
                 _post_reversal(session, db, accounts, key, summary, close, first_id, count, reason)

@@ -15,6 +15,7 @@ or record behind the server's back is named by VerifyLedger.
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import threading
 from collections import defaultdict
@@ -24,6 +25,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from ledger.api.v1 import insurance_pb2 as pb
+from ledger.db import reversals as reversal_rows
 from tests import cycle_streams as cs
 from tests import test_cycle as tc
 from tests import test_verify as tv
@@ -255,6 +257,95 @@ def test_concurrent_reversals_make_one(client: Client, database_url: str) -> Non
     finally:
         engine.dispose()
     assert (reversals, rows_back, covers) == (1, allocated, 1)
+    assert user_balances(database_url) == {}
+    assert_invariants(client, database_url)
+
+
+# --- rows written over several connections, and rows left behind --------------------------
+
+
+@pytest.fixture
+def rows_in_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL, every reversal writes its rows over several connections in many ranges
+    of account ids (db/reversals.write_rows), however small (SQLite has one writer)."""
+    monkeypatch.setattr(reversal_rows, "PARALLEL_ROWS_MIN", 1)
+    monkeypatch.setattr(reversal_rows, "RUNS", 7)
+
+
+def allocation_and_reversal_rows(database_url: str) -> tuple[int, int, int]:
+    """(allocation rows, reversal rows, transactions that wrote the reversal rows: on
+    PostgreSQL their distinct xmin, on SQLite 1)."""
+    with tv.connect(database_url) as conn:
+        allocated = tv.scalar(conn, "SELECT count(*) FROM allocations")
+        rows_back = tv.scalar(conn, "SELECT count(*) FROM allocation_reversals")
+        writers = 1
+        if conn.dialect.name == "postgresql":
+            writers = tv.scalar(conn, "SELECT count(DISTINCT xmin::text) FROM allocation_reversals")
+    return allocated, rows_back, writers
+
+
+@pytest.mark.usefixtures("rows_in_parallel")
+def test_rows_written_over_several_connections_give_back_the_close(
+    client: Client, database_url: str
+) -> None:
+    """Four concurrent reversals, each writing in ranges over two connections, make one whose
+    rows are the close's, every one at its entry id (VerifyLedger checks both); the cycle
+    closed again with new input and reversed again does the same."""
+    tc.market(client)
+    tc.deposit(client, "d1", 10_000)
+    tc.liquidate(client, "L1", "c1", -1_000_000)
+    rng = random.Random(17)
+    cs.close(client.channel, "c1", JPY, tc.random_positions(rng, 3_000, tc.mixed))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: reverse(client, "c1"), range(4)))
+    assert len({r.SerializeToString() for r in replies}) == 1
+    assert replies[0].state == pb.CYCLE_STATE_REVERSED
+    allocated, rows_back, writers = allocation_and_reversal_rows(database_url)
+    assert rows_back == allocated > 1_000
+    assert writers == (1 if database_url.startswith("sqlite") else reversal_rows.ROW_WRITERS)
+    assert user_balances(database_url) == {}
+    assert_invariants(client, database_url)
+
+    cs.close(client.channel, "c1", JPY, tc.random_positions(rng, 2_000, tc.heavy))
+    assert reverse(client, "c1").version == 2
+    allocated, rows_back, _ = allocation_and_reversal_rows(database_url)
+    assert rows_back == allocated
+    assert user_balances(database_url) == {}
+    assert tc.fund_balance(client) == 10_000
+    assert_invariants(client, database_url)
+
+
+@pytest.mark.usefixtures("rows_in_parallel")
+def test_rows_left_behind_by_an_attempt_that_died_are_replaced(
+    client: Client, database_url: str
+) -> None:
+    """An attempt that committed some of its rows and died before its record (PostgreSQL's
+    other connections commit their ranges first) leaves rows that nothing counts; the next
+    reversal removes them and writes its own, each at its own entry id."""
+    tc.market(client)
+    tc.deposit(client, "d1", 10_000)
+    tc.liquidate(client, "L1", "c1", -1_000_000)
+    cs.close(client.channel, "c1", JPY, tc.random_positions(random.Random(23), 2_000, tc.mixed))
+    stale = 10**12  # entry ids no reversal of this ledger has
+    with tv.connect(database_url) as conn:
+        tv.execute(
+            conn,
+            "INSERT INTO allocation_reversals"
+            " (cycle_pk, account_id, position_id, pnl, amount, entry_id)"
+            " SELECT cycle_pk, account_id, position_id, pnl, amount, entry_id + :stale"
+            " FROM allocations WHERE account_id % 2 = 0",
+            stale=stale,
+        )
+    # Nothing counts them yet: no user's balance or entries moved, the ledger verifies.
+    assert tc.get_cycle(client, "c1").state == pb.CYCLE_STATE_CLOSED
+    assert all(e.reverses == 0 for e in tc.list_entries(client, "system_loss"))
+    assert_invariants(client, database_url)
+
+    assert reverse(client, "c1").state == pb.CYCLE_STATE_REVERSED
+    allocated, rows_back, _ = allocation_and_reversal_rows(database_url)
+    assert rows_back == allocated
+    with tv.connect(database_url) as conn:
+        assert tv.scalar(conn, "SELECT max(entry_id) FROM allocation_reversals") < stale
     assert user_balances(database_url) == {}
     assert_invariants(client, database_url)
 

@@ -4,15 +4,23 @@ The rows are made from the close's own allocation rows, read in the clustered ke
 that the write only ever appends: each row keeps its allocation's key, pnl and amount, and
 takes the entry id at the same rank in the reversal's block. The reversal record, written in
 the same transaction, is what makes them count, and is a link of the currency's chain.
+
+On PostgreSQL a big reversal writes its rows over several connections at once (see
+write_rows): one INSERT … SELECT is one backend's work, and two halves at once take about
+two thirds of its time (measured, 860k rows on 2 cores: 2.9–3.5 s alone, 2.0–2.4 s).
 """
 
 from __future__ import annotations
 
+import itertools
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from ledger.db import models
 from ledger.db.batch import BatchStatements, Insert
+from ledger.db.session import Database
 from ledger.db.store import ChainHeads
 
 REVERSALS = models.Base.metadata.tables["cycle_reversals"]
@@ -90,17 +98,108 @@ def unreversed_close_entries(db: BatchStatements, currency: str, cycle_id: str) 
     return [int(row[0]) for row in db.execute(_OWN_ENTRIES, (currency, cycle_id)).fetchall()]
 
 
+# A PostgreSQL reversal of at least this many rows writes them over ROW_WRITERS connections,
+# in RUNS ranges of account ids taken in turn (so that uneven ranges even out).
+PARALLEL_ROWS_MIN = 100_000
+ROW_WRITERS = 2
+RUNS = 16
+
 _COPY_ROWS = (
     "INSERT INTO allocation_reversals (cycle_pk, account_id, position_id, pnl, amount, entry_id)"
     " SELECT cycle_pk, account_id, position_id, pnl, amount, entry_id + ? FROM allocations"
-    " WHERE cycle_pk = ? ORDER BY cycle_pk, account_id, position_id"
+    " WHERE cycle_pk = ?{range} ORDER BY cycle_pk, account_id, position_id"
 )
 
+Run = tuple[int | None, int | None]  # account ids (as stored) from, and before; None: no bound
 
-def copy_rows(db: BatchStatements, close: CloseRow, first_entry_id: int) -> None:
-    """The close's allocation rows as reversal rows, their entry ids from first_entry_id, by
-    the database itself (one INSERT … SELECT: nothing goes through Python)."""
-    db.execute(_COPY_ROWS, (first_entry_id - close.allocation_first_entry_id, close.pk))
+
+def copy_rows(
+    db: BatchStatements, close: CloseRow, first_entry_id: int, run: Run = (None, None)
+) -> None:
+    """The close's allocation rows (those of the accounts in `run`, or all) as reversal rows,
+    their entry ids from first_entry_id, by the database itself (one INSERT … SELECT:
+    nothing goes through Python)."""
+    where, params = "", [first_entry_id - close.allocation_first_entry_id, close.pk]
+    start, stop = run
+    if start is not None:
+        where, params = where + " AND account_id >= ?", [*params, start]
+    if stop is not None:
+        where, params = where + " AND account_id < ?", [*params, stop]
+    db.execute(_COPY_ROWS.format(range=where), params)
+
+
+def write_rows(
+    database: Database, db: BatchStatements, close: CloseRow, first_entry_id: int, count: int
+) -> None:
+    """The close's rows as reversal rows, in the transaction that will write the reversal
+    record (on PostgreSQL, holding the close's cycle row: lock_close).
+
+    On PostgreSQL, from PARALLEL_ROWS_MIN rows on, the span of account ids is cut into RUNS
+    ranges, which this transaction and ROW_WRITERS - 1 others, each on a connection of its
+    own, take in turn; each other one commits once no range is left. Committed rows count
+    only once this transaction writes the record; if it never does (it failed, or its
+    process died after another one committed), they stay behind, counted by nothing, and the
+    next reversal of the close removes them and writes its own in one statement. A writer
+    that had not committed when its process died never commits (its transaction waits for a
+    COMMIT that will not come), and the table's key keeps any two writers of the
+    same row apart, so no reversal ever holds another attempt's rows.
+    """
+    if _left_behind(db, close):
+        db.execute("DELETE FROM allocation_reversals WHERE cycle_pk = ?", (close.pk,))
+        copy_rows(db, close, first_entry_id)
+        return
+    if db.is_sqlite or count < PARALLEL_ROWS_MIN:
+        copy_rows(db, close, first_entry_id)
+        return
+    runs = _runs(db, close)
+    todo: queue.SimpleQueue[Run] = queue.SimpleQueue()
+    for run in runs[ROW_WRITERS:]:
+        todo.put(run)
+
+    def take(writer: BatchStatements, first: Run) -> None:
+        """The writer's own first range, then any left, as they come."""
+        run = first
+        while True:
+            copy_rows(writer, close, first_entry_id, run)
+            try:
+                run = todo.get_nowait()
+            except queue.Empty:
+                return
+
+    def take_and_commit(first: Run) -> None:
+        with database.write() as session:
+            take(BatchStatements.of_session(session), first)
+
+    with ThreadPoolExecutor(ROW_WRITERS - 1, thread_name_prefix="reversal-rows") as pool:
+        others = [pool.submit(take_and_commit, run) for run in runs[1:ROW_WRITERS]]  # if any
+        try:
+            take(db, runs[0])
+        finally:
+            while not todo.empty():  # on a failure here, the others stop after their range
+                todo.get_nowait()
+        for other in others:
+            other.result()
+
+
+def _left_behind(db: BatchStatements, close: CloseRow) -> bool:
+    """Whether an attempt that never wrote its record left reversal rows of the close."""
+    found = db.execute(
+        "SELECT EXISTS (SELECT 1 FROM allocation_reversals WHERE cycle_pk = ?)", (close.pk,)
+    ).fetchone()
+    return bool(found[0])
+
+
+def _runs(db: BatchStatements, close: CloseRow) -> list[Run]:
+    """RUNS ranges of equal width over the close's account ids (two descents of the key's
+    index), covering every id (fewer if there are fewer ids)."""
+    low, high = db.execute(
+        "SELECT min(account_id), max(account_id) FROM allocations WHERE cycle_pk = ?",
+        (close.pk,),
+    ).fetchone()
+    low, span = int(low), int(high) - int(low)
+    cuts = sorted({low + span * part // RUNS for part in range(1, RUNS)} - {low})
+    bounds: list[int | None] = [None, *cuts, None]
+    return list(itertools.pairwise(bounds))
 
 
 def write_record(db: BatchStatements, heads: ChainHeads, record: dict[str, Any]) -> None:

@@ -11,12 +11,17 @@ again then works and gives the expected summary.
 With every profitable pnl equal, the expected outcome is known without the code under test:
 each participant gets user_due // profitable, and the user_due % profitable smallest ids one
 unit more (equal remainders, equal pnl: smaller id first).
+
+A ReverseCycle survives the same: killed while it writes its reversal rows (on PostgreSQL
+over two connections, so a range may be committed without the reversal's record), the close
+is afterwards either wholly reversed or still wholly in force, and reversing it again works.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,22 +30,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
+import psycopg
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from ledger.api.v1 import insurance_pb2 as pb
 from tests import cycle_streams as cs
+from tests import test_verify as tv
 from tests.conftest import Client
 from tests.cycle_streams import Positions
-from tests.ledger_db import snapshot
+from tests.ledger_db import balances_from_journal, snapshot
 from tests.test_cycle import (
     JPY,
     WriteWatch,
     deposit,
     fields,
+    fund_balance,
     get_cycle,
     liquidate,
     market,
@@ -243,3 +253,155 @@ def test_sigkill_in_write_phase_leaves_all_or_nothing(database_url: str, tmp_pat
     assert state["allocated"] == want["allocated_total"]
     assert state["system_loss"] == state["system_loss_cached"] == 0
     assert_allocations_exact(database_url)
+
+
+REVERSED_POSITIONS = 600_000
+
+
+class ReversalWatch:
+    """Polls the database until the reversal is writing: on SQLite while a writer holds the
+    database (nothing else writes here); on PostgreSQL while its INSERT runs, and then tells
+    whether a range of the rows is committed (a big reversal writes over two connections)."""
+
+    def __init__(self, database_url: str) -> None:
+        url = make_url(database_url)
+        self.sqlite_path = str(url.database) if url.get_backend_name() == "sqlite" else None
+        self.pg: psycopg.Connection[Any] | None = None
+        self.pids: set[int] = set()  # PostgreSQL: the connections seen writing the rows
+        if self.sqlite_path is None:
+            libpq = url.set(drivername="postgresql").render_as_string(False)
+            self.pg = psycopg.connect(libpq, autocommit=True)
+
+    def close(self) -> None:
+        if self.pg is not None:
+            self.pg.close()
+
+    def in_write_phase(self) -> bool:
+        if self.pg is None:
+            lite = sqlite3.connect(str(self.sqlite_path), timeout=0, isolation_level=None)
+            try:
+                lite.execute("BEGIN IMMEDIATE")
+                lite.execute("ROLLBACK")
+                return False
+            except sqlite3.OperationalError:  # locked: the reversal's transaction
+                return True
+            finally:
+                lite.close()
+        return bool(self._writers())
+
+    def _writers(self) -> dict[int, str]:
+        """PostgreSQL: the state of each connection seen running the reversal's INSERT."""
+        assert self.pg is not None
+        for (pid,) in self.pg.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state = 'active' AND query ILIKE 'INSERT INTO allocation_reversals%'"
+        ).fetchall():
+            self.pids.add(int(pid))
+        return {
+            int(pid): str(state)
+            for pid, state in self.pg.execute(
+                "SELECT pid, state FROM pg_stat_activity WHERE pid = ANY(%s)", (list(self.pids),)
+            ).fetchall()
+        }
+
+    def kill_point(self) -> None:
+        """SQLite: a moment into the write. PostgreSQL: as soon as one connection that ran
+        the INSERT is idle, out of its transaction (the other connection, which has just
+        committed its ranges before the reversal's record: measured, about 300,000 rows are
+        left behind), or mid-write if that is not seen within five seconds."""
+        if self.pg is None:
+            time.sleep(0.05)
+            return
+        until = time.monotonic() + 5
+        while time.monotonic() < until:
+            if "idle" in self._writers().values():
+                return
+            time.sleep(0.001)
+
+
+def reversal_state(database_url: str) -> dict[str, int]:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+
+            def one(sql: str) -> int:
+                return int(conn.execute(text(sql)).scalar_one() or 0)
+
+            return {
+                "reversals": one("SELECT count(*) FROM cycle_reversals"),
+                "allocations": one("SELECT count(*) FROM allocations"),
+                "rows_back": one("SELECT count(*) FROM allocation_reversals"),
+            }
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_sigkill_while_reversing_leaves_all_or_nothing(database_url: str, tmp_path: Path) -> None:
+    ids = np.random.default_rng(2).permutation(
+        np.arange(1, REVERSED_POSITIONS + 1, dtype=np.uint64)
+    )
+    cycle = Positions(ids, ids % np.uint64(70_001), np.full(REVERSED_POSITIONS, PNL, np.int64))
+    with ledger_process(database_url, tmp_path) as (client, process):
+        market(client)
+        deposit(client, "d1", FUND)
+        liquidate(client, "L1", "c1", -(3 * REVERSED_POSITIONS))
+        before_close = balances_from_journal(database_url)
+        closed = cs.close(client.channel, "c1", JPY, cycle, timeout=120)
+        assert closed.participant_count == REVERSED_POSITIONS
+        watch = ReversalWatch(database_url)
+        outcome: list[object] = []
+
+        def reverse() -> None:
+            try:
+                outcome.append(
+                    client.admin.ReverseCycle(
+                        pb.ReverseCycleRequest(cycle_id="c1", currency=JPY, reason="crash"),
+                        timeout=120,
+                    )
+                )
+            except grpc.RpcError as error:
+                outcome.append(error)
+
+        reversing = threading.Thread(target=reverse)
+        reversing.start()
+        try:
+            deadline = time.monotonic() + WRITE_SEEN_TIMEOUT_SECONDS
+            while not watch.in_write_phase():
+                assert not outcome, f"the reversal ended before its write was seen: {outcome}"
+                assert time.monotonic() < deadline, "the reversal's write was never seen"
+                time.sleep(0.002)
+            watch.kill_point()
+            os.kill(process.pid, signal.SIGKILL)
+        finally:
+            watch.close()
+        process.wait(30)
+        reversing.join(60)
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], grpc.RpcError), "the reversal finished before the kill"
+
+    state = reversal_state(database_url)
+    assert state["allocations"] == closed.participant_count
+    with ledger_process(database_url, tmp_path) as (client, _):
+        report = tv.verify(client)
+        assert (report.ok, list(report.problems)) == (True, [])
+        if state["reversals"]:  # wholly reversed
+            assert state["rows_back"] == state["allocations"]
+            assert get_cycle(client, "c1").state == pb.CYCLE_STATE_REVERSED
+            assert fund_balance(client) == FUND
+        else:  # still wholly in force, whatever rows of it a dead attempt left
+            assert get_cycle(client, "c1") == closed
+            assert fund_balance(client) == FUND - closed.fund_paid
+            reversed_ = client.admin.ReverseCycle(
+                pb.ReverseCycleRequest(cycle_id="c1", currency=JPY, reason="again"), timeout=120
+            )
+            assert reversed_.state == pb.CYCLE_STATE_REVERSED
+        assert fund_balance(client) == FUND
+        report = tv.verify(client)
+        assert (report.ok, list(report.problems)) == (True, [])
+    state = reversal_state(database_url)
+    assert state["reversals"] == 1
+    assert state["rows_back"] == state["allocations"]
+    # Everyone is back where they were before the close.
+    after = balances_from_journal(database_url)
+    assert {k: v for k, v in after.items() if v} == {k: v for k, v in before_close.items() if v}

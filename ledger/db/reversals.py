@@ -141,8 +141,10 @@ def write_rows(
     process died after another one committed), they stay behind, counted by nothing, and the
     next reversal of the close removes them and writes its own in one statement. A writer
     that had not committed when its process died never commits (its transaction waits for a
-    COMMIT that will not come), and the table's key keeps any two writers of the
-    same row apart, so no reversal ever holds another attempt's rows.
+    COMMIT that will not come), and the table's key keeps any two writers of the same row
+    apart, so no reversal ever holds another attempt's rows. (The other connections take no
+    lock this transaction holds: allocation_reversals has no foreign key to cycles, whose
+    row this one holds FOR UPDATE.)
     """
     if _left_behind(db, close):
         db.execute("DELETE FROM allocation_reversals WHERE cycle_pk = ?", (close.pk,))
@@ -196,6 +198,8 @@ def _runs(db: BatchStatements, close: CloseRow) -> list[Run]:
         "SELECT min(account_id), max(account_id) FROM allocations WHERE cycle_pk = ?",
         (close.pk,),
     ).fetchone()
+    if low is None:
+        return [(None, None)]
     low, span = int(low), int(high) - int(low)
     cuts = sorted({low + span * part // RUNS for part in range(1, RUNS)} - {low})
     bounds: list[int | None] = [None, *cuts, None]

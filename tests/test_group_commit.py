@@ -957,8 +957,14 @@ def test_cycle_streams_are_bounded_and_idle_ones_ended(database_url: str) -> Non
 
 
 def test_a_short_connection_age_keeps_serving_across_reconnects(database_url: str) -> None:
-    """max_connection_age_s=1 (and keepalive pings every 0.5 s): calls on one channel for
-    3 s all succeed, and the channel did reconnect (it left READY at least twice)."""
+    """max_connection_age_s=1 (and keepalive pings every 0.5 s): calls on one channel go on
+    until the channel has reconnected twice (it left READY twice; at most 30 s, as a loaded
+    host may age a connection late), and every one of them succeeds."""
+    ready = grpc.ChannelConnectivity.READY
+
+    def reconnects(states: list[grpc.ChannelConnectivity]) -> int:
+        return sum(1 for a, b in pairwise(list(states)) if a is ready and b is not ready)
+
     with ledger_server(database_url, max_connection_age_s=1.0, keepalive_s=0.5) as (_, client):
         states: list[grpc.ChannelConnectivity] = []
         record = states.append
@@ -966,8 +972,9 @@ def test_a_short_connection_age_keeps_serving_across_reconnects(database_url: st
         try:
             setup_market(client)
             sent: list[str] = []
-            until = time.monotonic() + 3.0
-            while time.monotonic() < until:  # every call must succeed
+            deadline = time.monotonic() + 30.0
+            while reconnects(states) < 2:  # every call must succeed meanwhile
+                assert time.monotonic() < deadline, f"the connection was not aged out: {states}"
                 lid = f"age-{len(sent)}"
                 reply = client.clearing.RecordLiquidation(profit(lid), timeout=10)
                 assert reply.liquidation_id == lid
@@ -975,9 +982,7 @@ def test_a_short_connection_age_keeps_serving_across_reconnects(database_url: st
                 client.query.GetFund(pb.GetFundRequest(currency="USDT"), timeout=10)
         finally:
             client.channel.unsubscribe(record)
-        ready = grpc.ChannelConnectivity.READY
-        reconnects = sum(1 for a, b in pairwise(states) if a is ready and b is not ready)
-        assert reconnects >= 2, f"the connection was not aged out: {states}"
+        assert len(sent) > 1
         rows = liquidation_rows(database_url)
         assert {lid: rows[lid] for lid in sent} == dict.fromkeys(sent, 1)
 

@@ -980,9 +980,12 @@ def test_a_short_connection_age_keeps_serving_across_reconnects(database_url: st
                 assert reply.liquidation_id == lid
                 sent.append(lid)
                 client.query.GetFund(pb.GetFundRequest(currency="USDT"), timeout=10)
+            # and the connection after those serves too
+            reply = client.clearing.RecordLiquidation(profit("age-last"), timeout=10)
+            assert reply.liquidation_id == "age-last"
+            sent.append("age-last")
         finally:
             client.channel.unsubscribe(record)
-        assert len(sent) > 1
         rows = liquidation_rows(database_url)
         assert {lid: rows[lid] for lid in sent} == dict.fromkeys(sent, 1)
 

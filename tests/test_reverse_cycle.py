@@ -19,13 +19,16 @@ import concurrent.futures
 import random
 import threading
 from collections import defaultdict
+from typing import Any
 
 import grpc
 import pytest
 from sqlalchemy import create_engine, text
 
 from ledger.api.v1 import insurance_pb2 as pb
+from ledger.db import closes
 from ledger.db import reversals as reversal_rows
+from ledger.errors import Unavailable
 from tests import cycle_streams as cs
 from tests import test_cycle as tc
 from tests import test_verify as tv
@@ -347,6 +350,74 @@ def test_rows_left_behind_by_an_attempt_that_died_are_replaced(
     with tv.connect(database_url) as conn:
         assert tv.scalar(conn, "SELECT max(entry_id) FROM allocation_reversals") < stale
     assert user_balances(database_url) == {}
+    assert_invariants(client, database_url)
+
+
+def close_for_failures(client: Client) -> pb.CycleSummary:
+    tc.market(client)
+    tc.deposit(client, "d1", 10_000)
+    tc.liquidate(client, "L1", "c1", -1_000_000)
+    rows = tc.random_positions(random.Random(29), 2_000, tc.mixed)
+    return cs.close(client.channel, "c1", JPY, rows)
+
+
+def assert_still_closed(client: Client, database_url: str, closed: pb.CycleSummary) -> None:
+    """The failed reversal counts for nothing: the close is in force, as it was."""
+    assert tc.get_cycle(client, "c1") == closed
+    assert tc.fund_balance(client) == 10_000 - closed.fund_paid
+    assert all(e.reverses == 0 for e in tc.list_entries(client, "system_loss"))
+    assert_invariants(client, database_url)
+
+
+@pytest.mark.usefixtures("rows_in_parallel")
+def test_a_reversal_that_fails_after_its_rows_is_replaced_by_the_next(
+    client: Client, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The currency's rows cannot be had (a lock timeout) once the rows are written: the
+    reversal fails UNAVAILABLE; on PostgreSQL the other connection's committed ranges stay
+    behind, counted by nothing; the next reversal replaces them."""
+    closed = close_for_failures(client)
+
+    def locked(*_: object) -> object:
+        raise Unavailable("the currency's accounts are locked (injected)")
+
+    lock = closes.lock
+    monkeypatch.setattr(closes, "lock", locked)
+    tc.assert_rejected(lambda: reverse(client, "c1"), grpc.StatusCode.UNAVAILABLE, "injected")
+    monkeypatch.setattr(closes, "lock", lock)  # (undo() would end rows_in_parallel too)
+    allocated, rows_back, _ = allocation_and_reversal_rows(database_url)
+    if database_url.startswith("sqlite"):
+        assert rows_back == 0  # one transaction, rolled back
+    else:
+        assert 0 < rows_back < allocated
+    assert_still_closed(client, database_url, closed)
+
+    assert reverse(client, "c1").state == pb.CYCLE_STATE_REVERSED
+    assert allocation_and_reversal_rows(database_url)[:2] == (allocated, allocated)
+    assert tc.fund_balance(client) == 10_000
+    assert_invariants(client, database_url)
+
+
+@pytest.mark.usefixtures("rows_in_parallel")
+def test_a_share_that_fails_rolls_back_the_other_connections(
+    client: Client, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reversal's own share of the rows fails: the other connection rolls its ranges
+    back instead of committing them, and nothing is left behind."""
+    closed = close_for_failures(client)
+    copy_rows = reversal_rows.copy_rows
+
+    def failing_on_the_reversal_s_own_connection(*args: Any, **kwargs: Any) -> None:
+        if not threading.current_thread().name.startswith("reversal-rows"):
+            raise Unavailable("the reversal's statement was cut off (injected)")
+        copy_rows(*args, **kwargs)
+
+    monkeypatch.setattr(reversal_rows, "copy_rows", failing_on_the_reversal_s_own_connection)
+    tc.assert_rejected(lambda: reverse(client, "c1"), grpc.StatusCode.UNAVAILABLE, "injected")
+    monkeypatch.setattr(reversal_rows, "copy_rows", copy_rows)
+    assert allocation_and_reversal_rows(database_url)[1] == 0
+    assert_still_closed(client, database_url, closed)
+    assert reverse(client, "c1").state == pb.CYCLE_STATE_REVERSED
     assert_invariants(client, database_url)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -136,15 +137,15 @@ def write_rows(
 
     On PostgreSQL, from PARALLEL_ROWS_MIN rows on, the span of account ids is cut into RUNS
     ranges, which this transaction and ROW_WRITERS - 1 others, each on a connection of its
-    own, take in turn; each other one commits once no range is left. Committed rows count
-    only once this transaction writes the record; if it never does (it failed, or its
-    process died after another one committed), they stay behind, counted by nothing, and the
-    next reversal of the close removes them and writes its own in one statement. A writer
-    that had not committed when its process died never commits (its transaction waits for a
-    COMMIT that will not come), and the table's key keeps any two writers of the same row
-    apart, so no reversal ever holds another attempt's rows. (The other connections take no
-    lock this transaction holds: allocation_reversals has no foreign key to cycles, whose
-    row this one holds FOR UPDATE.)
+    own, take in turn; each other one commits once no range is left (or rolls back if this
+    one's share failed). Committed rows count only once this transaction writes the record;
+    if it never does (it failed later, or its process died), they stay behind, counted by
+    nothing, and the next reversal of the close removes them and writes its own in one
+    statement. A writer that had not committed when its process died never commits
+    (PostgreSQL rolls back a transaction whose client has gone), and the table's key keeps
+    any two writers of the same row apart, so no reversal ever holds another attempt's
+    rows. The other connections take no lock this transaction holds: allocation_reversals
+    has no foreign key to cycles, whose row this one holds FOR UPDATE.
     """
     if _left_behind(db, close):
         db.execute("DELETE FROM allocation_reversals WHERE cycle_pk = ?", (close.pk,))
@@ -168,19 +169,29 @@ def write_rows(
             except queue.Empty:
                 return
 
+    failed = threading.Event()  # this transaction's share failed: the others roll back
+
     def take_and_commit(first: Run) -> None:
         with database.write() as session:
             take(BatchStatements.of_session(session), first)
+            if failed.is_set():
+                raise _Abandoned
 
     with ThreadPoolExecutor(ROW_WRITERS - 1, thread_name_prefix="reversal-rows") as pool:
         others = [pool.submit(take_and_commit, run) for run in runs[1:ROW_WRITERS]]  # if any
         try:
             take(db, runs[0])
-        finally:
-            while not todo.empty():  # on a failure here, the others stop after their range
+        except BaseException:
+            failed.set()
+            while not todo.empty():  # the others stop after the range they are writing
                 todo.get_nowait()
+            raise
         for other in others:
             other.result()
+
+
+class _Abandoned(Exception):
+    """Rolls back another connection's ranges: the reversal's own transaction failed."""
 
 
 def _left_behind(db: BatchStatements, close: CloseRow) -> bool:

@@ -141,33 +141,36 @@ def expected(digest: str) -> dict[str, object]:
     }
 
 
-def ledger_state(database_url: str) -> dict[str, int]:
-    """What the ledger holds of cycle c1, by plain SQL (no Python loop over 2.5M rows)."""
+def scalars(database_url: str, **queries: str) -> dict[str, int]:
+    """Each query's one integer (NULL as 0), by plain SQL."""
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
-
-            def one(sql: str) -> int:
-                return int(conn.execute(text(sql)).scalar_one() or 0)
-
             return {
-                "cycles": one("SELECT count(*) FROM cycles"),
-                "allocations": one("SELECT count(*) FROM allocations"),
-                "allocated": one("SELECT sum(amount) FROM allocations"),
-                "covers": one("SELECT count(*) FROM entries WHERE reference = 'c1'"),
-                # system_loss from the journal: credits − debits of entries, + allocations.
-                "system_loss": one(
-                    "SELECT coalesce(sum(CASE WHEN credit_account = 'system_loss' THEN amount "
-                    "ELSE -amount END), 0) FROM entries "
-                    "WHERE 'system_loss' IN (credit_account, debit_account)"
-                )
-                + one("SELECT sum(amount) FROM allocations"),
-                "system_loss_cached": one(
-                    "SELECT balance FROM accounts WHERE currency = 'JPY' AND name = 'system_loss'"
-                ),
+                name: int(conn.execute(text(sql)).scalar_one() or 0)
+                for name, sql in queries.items()
             }
     finally:
         engine.dispose()
+
+
+def ledger_state(database_url: str) -> dict[str, int]:
+    """What the ledger holds of cycle c1, by plain SQL (no Python loop over 2.5M rows)."""
+    state = scalars(
+        database_url,
+        cycles="SELECT count(*) FROM cycles",
+        allocations="SELECT count(*) FROM allocations",
+        allocated="SELECT sum(amount) FROM allocations",
+        covers="SELECT count(*) FROM entries WHERE reference = 'c1'",
+        # system_loss from the journal: credits − debits of entries, + allocations.
+        system_loss="SELECT coalesce(sum(CASE WHEN credit_account = 'system_loss' THEN amount "
+        "ELSE -amount END), 0) FROM entries "
+        "WHERE 'system_loss' IN (credit_account, debit_account)",
+        system_loss_cached="SELECT balance FROM accounts "
+        "WHERE currency = 'JPY' AND name = 'system_loss'",
+    )
+    state["system_loss"] += state["allocated"]
+    return state
 
 
 def assert_allocations_exact(database_url: str) -> None:
@@ -321,20 +324,12 @@ class ReversalWatch:
 
 
 def reversal_state(database_url: str) -> dict[str, int]:
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as conn:
-
-            def one(sql: str) -> int:
-                return int(conn.execute(text(sql)).scalar_one() or 0)
-
-            return {
-                "reversals": one("SELECT count(*) FROM cycle_reversals"),
-                "allocations": one("SELECT count(*) FROM allocations"),
-                "rows_back": one("SELECT count(*) FROM allocation_reversals"),
-            }
-    finally:
-        engine.dispose()
+    return scalars(
+        database_url,
+        reversals="SELECT count(*) FROM cycle_reversals",
+        allocations="SELECT count(*) FROM allocations",
+        rows_back="SELECT count(*) FROM allocation_reversals",
+    )
 
 
 @pytest.mark.slow

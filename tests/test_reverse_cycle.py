@@ -275,6 +275,22 @@ def rows_in_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reversal_rows, "RUNS", 7)
 
 
+def closed_cycle(client: Client, rng: random.Random, positions: int) -> pb.CycleSummary:
+    """Cycle c1 with a loss of 1,000,000 over a fund of 10,000, closed with random positions."""
+    tc.market(client)
+    tc.deposit(client, "d1", 10_000)
+    tc.liquidate(client, "L1", "c1", -1_000_000)
+    return cs.close(client.channel, "c1", JPY, tc.random_positions(rng, positions, tc.mixed))
+
+
+def assert_still_closed(client: Client, database_url: str, closed: pb.CycleSummary) -> None:
+    """No reversal counts (whatever rows of one are left): the close is in force, as it was."""
+    assert tc.get_cycle(client, "c1") == closed
+    assert tc.fund_balance(client) == 10_000 - closed.fund_paid
+    assert all(e.reverses == 0 for e in tc.list_entries(client, "system_loss"))
+    assert_invariants(client, database_url)
+
+
 def allocation_and_reversal_rows(database_url: str) -> tuple[int, int, int]:
     """(allocation rows, reversal rows, transactions that wrote the reversal rows: on
     PostgreSQL their distinct xmin, on SQLite 1)."""
@@ -294,11 +310,8 @@ def test_rows_written_over_several_connections_give_back_the_close(
     """Four concurrent reversals, each writing in ranges over two connections, make one whose
     rows are the close's, every one at its entry id (VerifyLedger checks both); the cycle
     closed again with new input and reversed again does the same."""
-    tc.market(client)
-    tc.deposit(client, "d1", 10_000)
-    tc.liquidate(client, "L1", "c1", -1_000_000)
     rng = random.Random(17)
-    cs.close(client.channel, "c1", JPY, tc.random_positions(rng, 3_000, tc.mixed))
+    closed_cycle(client, rng, 3_000)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda _: reverse(client, "c1"), range(4)))
     assert len({r.SerializeToString() for r in replies}) == 1
@@ -325,10 +338,7 @@ def test_rows_left_behind_by_an_attempt_that_died_are_replaced(
     """An attempt that committed some of its rows and died before its record (PostgreSQL's
     other connections commit their ranges first) leaves rows that nothing counts; the next
     reversal removes them and writes its own, each at its own entry id."""
-    tc.market(client)
-    tc.deposit(client, "d1", 10_000)
-    tc.liquidate(client, "L1", "c1", -1_000_000)
-    cs.close(client.channel, "c1", JPY, tc.random_positions(random.Random(23), 2_000, tc.mixed))
+    closed = closed_cycle(client, random.Random(23), 2_000)
     stale = 10**12  # entry ids no reversal of this ledger has
     with tv.connect(database_url) as conn:
         tv.execute(
@@ -339,10 +349,7 @@ def test_rows_left_behind_by_an_attempt_that_died_are_replaced(
             " FROM allocations WHERE account_id % 2 = 0",
             stale=stale,
         )
-    # Nothing counts them yet: no user's balance or entries moved, the ledger verifies.
-    assert tc.get_cycle(client, "c1").state == pb.CYCLE_STATE_CLOSED
-    assert all(e.reverses == 0 for e in tc.list_entries(client, "system_loss"))
-    assert_invariants(client, database_url)
+    assert_still_closed(client, database_url, closed)  # nothing counts them yet
 
     assert reverse(client, "c1").state == pb.CYCLE_STATE_REVERSED
     allocated, rows_back, _ = allocation_and_reversal_rows(database_url)
@@ -353,22 +360,6 @@ def test_rows_left_behind_by_an_attempt_that_died_are_replaced(
     assert_invariants(client, database_url)
 
 
-def close_for_failures(client: Client) -> pb.CycleSummary:
-    tc.market(client)
-    tc.deposit(client, "d1", 10_000)
-    tc.liquidate(client, "L1", "c1", -1_000_000)
-    rows = tc.random_positions(random.Random(29), 2_000, tc.mixed)
-    return cs.close(client.channel, "c1", JPY, rows)
-
-
-def assert_still_closed(client: Client, database_url: str, closed: pb.CycleSummary) -> None:
-    """The failed reversal counts for nothing: the close is in force, as it was."""
-    assert tc.get_cycle(client, "c1") == closed
-    assert tc.fund_balance(client) == 10_000 - closed.fund_paid
-    assert all(e.reverses == 0 for e in tc.list_entries(client, "system_loss"))
-    assert_invariants(client, database_url)
-
-
 @pytest.mark.usefixtures("rows_in_parallel")
 def test_a_reversal_that_fails_after_its_rows_is_replaced_by_the_next(
     client: Client, database_url: str, monkeypatch: pytest.MonkeyPatch
@@ -376,7 +367,7 @@ def test_a_reversal_that_fails_after_its_rows_is_replaced_by_the_next(
     """The currency's rows cannot be had (a lock timeout) once the rows are written: the
     reversal fails UNAVAILABLE; on PostgreSQL the other connection's committed ranges stay
     behind, counted by nothing; the next reversal replaces them."""
-    closed = close_for_failures(client)
+    closed = closed_cycle(client, random.Random(29), 2_000)
 
     def locked(*_: object) -> object:
         raise Unavailable("the currency's accounts are locked (injected)")
@@ -404,7 +395,7 @@ def test_a_share_that_fails_rolls_back_the_other_connections(
 ) -> None:
     """The reversal's own share of the rows fails: the other connection rolls its ranges
     back instead of committing them, and nothing is left behind."""
-    closed = close_for_failures(client)
+    closed = closed_cycle(client, random.Random(29), 2_000)
     copy_rows = reversal_rows.copy_rows
 
     def failing_on_the_reversal_s_own_connection(*args: Any, **kwargs: Any) -> None:

@@ -889,12 +889,23 @@ def silent(cycle_id: str, currency: str, release: threading.Event) -> Iterator[b
     release.wait(WAIT_SECONDS)
 
 
+def streams_open_becomes(server: LedgerServer, count: int) -> bool:
+    """Whether the server's ledger_cycle_streams_open gauge reaches `count` within
+    WAIT_SECONDS."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if server.metrics.registry.get_sample_value("ledger_cycle_streams_open") == count:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_cycle_streams_are_bounded_and_idle_ones_ended(database_url: str) -> None:
     """streams_max=2: with a CloseCycle and a PreviewCycle held open, a third stream of either
     kind is refused (RESOURCE_EXHAUSTED) and writes nothing; a stream silent for longer than
     stream_idle_s=1 is ended by the server with DEADLINE_EXCEEDED and writes nothing; every
     place is free again afterwards."""
-    with ledger_server(database_url, streams_max=2, stream_idle_s=1.0) as (_, client):
+    with ledger_server(database_url, streams_max=2, stream_idle_s=1.0) as (server, client):
         market(client)
         deposit(client, "d1", 10_000)
         liquidate(client, "L1", "c1", -2_000)
@@ -911,8 +922,8 @@ def test_cycle_streams_are_bounded_and_idle_ones_ended(database_url: str) -> Non
             for event in sending:
                 assert event.wait(WAIT_SECONDS)
             # The server counts a stream once its handler has started, moments after the
-            # call: give it those moments (a probe stream would compete for the places).
-            time.sleep(0.3)
+            # call: wait for its gauge to show both (a probe stream would take a place).
+            assert streams_open_becomes(server, 2), "the two streams never held their places"
             before = snapshot(database_url)
             for method in (cs.CLOSE_METHOD, cs.PREVIEW_METHOD):
                 with pytest.raises(grpc.RpcError) as refused:
@@ -946,6 +957,7 @@ def test_cycle_streams_are_bounded_and_idle_ones_ended(database_url: str) -> Non
         assert elapsed < 10, f"ended after {elapsed:.1f} s: by the client's deadline?"
         assert snapshot(database_url) == before, "the idle stream wrote something"
         # Neither the refused, the finished nor the ended streams hold a place.
+        assert streams_open_becomes(server, 0), "a stream still holds its place"
         summaries = [
             cs.close(client.channel, "k1", "KRW", POSITIONS, timeout=30),
             cs.preview(client.channel, "c2", "JPY", POSITIONS),

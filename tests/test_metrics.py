@@ -140,6 +140,7 @@ def test_ledger_metrics_follow_the_ledger(observed: tuple[LedgerServer, Client])
     assert value(samples, "ledger_liquidation_batch_size_sum") == 12
     assert 2 <= value(samples, "ledger_liquidation_batch_size_count") <= 3
     assert value(samples, "ledger_pending_liquidations") == 0
+    assert value(samples, "ledger_cycle_streams_open") == 0  # the close has given its place back
 
 
 def health(client: Client) -> int:

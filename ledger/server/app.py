@@ -198,6 +198,8 @@ class LedgerServer:
                 on_close=self.metrics.cycle_closed,
                 keeper=self._keeper,
             )
+            cycles = self._cycles
+            self.metrics.watch_cycle_streams(lambda: cycles.streams_open)
             self._cycles.recover()
             self._health, self._server, self.port = self._on_loop(
                 self._build(self._committer, reuse_port)

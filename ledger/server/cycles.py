@@ -42,6 +42,11 @@ class CycleService:
         self._streams_open = 0
         self._lock = threading.Lock()
 
+    @property
+    def streams_open(self) -> int:
+        """CloseCycle/PreviewCycle streams whose handler holds a place now."""
+        return self._streams_open
+
     def recover(self) -> None:
         """At start: remove what closes that did not finish left behind."""
         closes.remove_abandoned(self._db)

@@ -96,6 +96,11 @@ class Metrics:
             "Liquidations waiting for the writer, queued or being written.",
             registry=self.registry,
         )
+        self.cycle_streams = Gauge(
+            "ledger_cycle_streams_open",
+            "CloseCycle/PreviewCycle streams open in this process (at most --streams-max).",
+            registry=self.registry,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._by_method: dict[tuple[str, str], _Children] = {}
@@ -137,6 +142,9 @@ class Metrics:
 
     def watch_pending(self, pending: Callable[[], int]) -> None:
         self.pending.set_function(lambda: float(pending()))
+
+    def watch_cycle_streams(self, streams_open: Callable[[], int]) -> None:
+        self.cycle_streams.set_function(lambda: float(streams_open()))
 
     def watch_funds(self, funds: Callable[[], list[tuple[str, int]]]) -> None:
         """The fund balances, read from the ledger at each scrape (never a stale copy)."""

@@ -1,7 +1,9 @@
 //! Times allocations over synthetic columns:
-//! `cargo run --release --example profile -- [N] [heavy|flat] [ordered|shuffled] [RUNS]`.
-//! Prints the minimum and median wall time over the runs.
-use rust_alloc::{allocate, Policy, Positions};
+//! `cargo run --release --example profile -- [N] [heavy|flat] [ordered|shuffled] [RUNS]
+//! [ACCOUNTS] [position|account]`. ACCOUNTS (default: random 40-bit ids) draws the account ids
+//! from 1..=ACCOUNTS, as bench_account_ranking.py does. Prints the minimum and median wall time
+//! over the runs.
+use rust_alloc::{allocate_ranked, Policy, Positions, Ranking};
 use std::time::{Duration, Instant};
 
 fn main() {
@@ -23,7 +25,18 @@ fn main() {
             ids.swap(i, (next() % (i as u64 + 1)) as usize);
         }
     }
-    let accounts: Vec<u64> = (0..n).map(|_| next() >> 24).collect();
+    let account_count: Option<u64> = arg(5).map(|s| s.parse().unwrap());
+    let ranking = if arg(6).is_some_and(|s| s == "account") {
+        Ranking::Account
+    } else {
+        Ranking::Position
+    };
+    let accounts: Vec<u64> = (0..n)
+        .map(|_| match account_count {
+            Some(count) => 1 + next() % count,
+            None => next() >> 24,
+        })
+        .collect();
     let pnl: Vec<i64> = (0..n)
         .map(|_| {
             if flat {
@@ -55,7 +68,7 @@ fn main() {
     let mut participants = 0;
     for _ in 0..runs {
         let start = Instant::now();
-        let a = allocate(loss as i64, loss as i64 / 10, policy, positions).unwrap();
+        let a = allocate_ranked(loss as i64, loss as i64 / 10, policy, ranking, positions).unwrap();
         times.push(start.elapsed());
         participants = a.summary.participant_count;
     }

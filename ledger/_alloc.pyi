@@ -84,3 +84,23 @@ def table_order(
 def allocations_digest(
     position_id: object, account_id: object, pnl: object, amount: object
 ) -> str: ...
+
+# ledger.liquidation.LiquidationRequest's fields, side as its number.
+LiquidationFields = tuple[
+    str,
+    str,
+    str,
+    int,
+    int,
+    int,
+    tuple[int, int],
+    tuple[int, int],
+    tuple[int, int],
+    int,
+    str,
+    str,
+    str,
+    str,
+]
+
+def validated_liquidations(message: bytes, batch: bool) -> list[LiquidationFields] | None: ...

@@ -21,6 +21,9 @@ server answers with INVALID_ARGUMENT (``AccountProfitError`` when, under account
 account's profit exceeds int64); ``PositionLimitError`` for too many positions
 (RESOURCE_EXHAUSTED); ``AllocationInvariantError`` (a ``RuntimeError``) if a result check fails,
 which is a bug (INTERNAL).
+
+``validated_liquidations`` is the liquidation path's, not the allocation's: it is here because
+this is where the native module is imported (see ``ledger.liquidation.validate_encoded``).
 """
 
 from __future__ import annotations
@@ -68,9 +71,12 @@ __all__ = [
     "encode_allocation_chunks",
     "encode_allocation_columns",
     "table_order",
+    "validated_liquidations",
 ]
 
 Ratio = str | Decimal
+
+validated_liquidations = _alloc.validated_liquidations
 
 
 class Ranking(IntEnum):

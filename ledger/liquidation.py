@@ -15,6 +15,7 @@ from decimal import Decimal
 from sqlalchemy.orm import Session
 
 from ledger import journal, money
+from ledger.alloc import validated_liquidations
 from ledger.currency import ContractKind
 from ledger.db import liquidations as stored
 from ledger.db import store
@@ -140,6 +141,24 @@ def validate(
 
 
 _SIDES = {int(s): s for s in Side}
+
+
+def validate_encoded(message: bytes, *, batch: bool) -> list[LiquidationRequest] | None:
+    """`validate` of each item of a request as received (a RecordLiquidationsRequest when
+    `batch`, else one RecordLiquidationRequest), decoded and checked in Rust, where it costs a
+    fraction of the Python validation (a third of the writer's time with batches).
+
+    None unless every item is plainly valid: the caller then decodes and validates the
+    request in Python, which names what is wrong. (The Rust path declines, never refuses.)
+    """
+    rows = validated_liquidations(message, batch)
+    if rows is None:
+        return None
+    sides = _SIDES
+    return [
+        LiquidationRequest(lid, cid, sym, acc, pos, sides[side], q, t, c, m, digest, qt, tt, ct)
+        for lid, cid, sym, acc, pos, side, q, t, c, m, digest, qt, tt, ct in rows
+    ]
 
 
 def engine_result(

@@ -394,7 +394,7 @@ class _Parsed:
     """One call's items: each validated, or the error it gets without the database."""
 
     kind: int
-    items: list[LiquidationRequest | Exception]
+    items: Sequence[LiquidationRequest | Exception]
 
 
 def record_calls(
@@ -434,6 +434,9 @@ def record_calls(
 
 
 def _parse(kind: int, raw: bytes) -> _Parsed:
+    plain = liquidation.validate_encoded(raw, batch=kind == BATCH)
+    if plain is not None:
+        return _Parsed(kind, plain)
     try:
         if kind == UNARY:
             return _Parsed(kind, [_validated(pb.RecordLiquidationRequest.FromString(raw))])

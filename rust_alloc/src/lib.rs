@@ -17,6 +17,7 @@ use std::fmt;
 mod account;
 pub mod decode;
 mod ids;
+pub mod liquidation;
 pub mod order;
 pub mod ratio;
 mod select;

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use crate::decode::{self, DecodeError, Item, PositionColumns};
+use crate::liquidation::{self, Exact, Liquidation};
 use crate::order;
 use crate::{allocate_ranked, AllocError, Allocation, Policy, Positions, Ranking};
 
@@ -416,6 +417,59 @@ fn allocate<'py>(
     result_to_py(py, allocation.map_err(to_py)?)
 }
 
+/// The liquidations of a request straight from its bytes (see `liquidation`): a list of
+/// `ledger.liquidation.LiquidationRequest` fields, or None unless every item is plainly
+/// valid. `batch`: a RecordLiquidationsRequest, else one RecordLiquidationRequest.
+#[pyfunction]
+fn validated_liquidations<'py>(
+    py: Python<'py>,
+    message: &[u8],
+    batch: bool,
+) -> PyResult<Option<Vec<Bound<'py, PyTuple>>>> {
+    let items = if batch {
+        liquidation::batch(message)
+    } else {
+        liquidation::one(message).map(|item| vec![item])
+    };
+    items
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| liquidation_to_py(py, item))
+                .collect()
+        })
+        .transpose()
+}
+
+fn liquidation_to_py<'py>(py: Python<'py>, l: &Liquidation<'_>) -> PyResult<Bound<'py, PyTuple>> {
+    let ratio = |e: &Exact| (e.numerator, 10u128.pow(e.places)).into_pyobject(py);
+    let fields = [
+        l.liquidation_id.into_pyobject(py)?.into_any(),
+        l.cycle_id.into_pyobject(py)?.into_any(),
+        l.symbol.into_pyobject(py)?.into_any(),
+        l.account_id.into_pyobject(py)?.into_any(),
+        l.position_id.into_pyobject(py)?.into_any(),
+        l.side.into_pyobject(py)?.into_any(),
+        ratio(&l.quantity)?.into_any(),
+        ratio(&l.takeover_price)?.into_any(),
+        ratio(&l.close_price)?.into_any(),
+        l.remaining_margin.into_pyobject(py)?.into_any(),
+        l.digest.as_str().into_pyobject(py)?.into_any(),
+        l.quantity.canonical.as_str().into_pyobject(py)?.into_any(),
+        l.takeover_price
+            .canonical
+            .as_str()
+            .into_pyobject(py)?
+            .into_any(),
+        l.close_price
+            .canonical
+            .as_str()
+            .into_pyobject(py)?
+            .into_any(),
+    ];
+    PyTuple::new(py, fields)
+}
+
 #[pymodule]
 fn _alloc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -425,6 +479,7 @@ fn _alloc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_allocation_chunks, m)?)?;
     m.add_function(wrap_pyfunction!(table_order, m)?)?;
     m.add_function(wrap_pyfunction!(allocations_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(validated_liquidations, m)?)?;
     m.add_class::<CycleInputDecoder>()?;
     m.add(
         "MalformedMessageError",

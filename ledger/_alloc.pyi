@@ -1,5 +1,6 @@
 """Typed stub of the native module built from rust_alloc/src/py.rs (import ledger.alloc)."""
 
+from collections.abc import Sequence
 from typing import final
 
 import numpy as np
@@ -104,3 +105,10 @@ LiquidationFields = tuple[
 ]
 
 def validated_liquidations(message: bytes, batch: bool) -> list[LiquidationFields] | None: ...
+def entry_chain(
+    previous: str,
+    first_seq: int,
+    currency: str,
+    created_at_us: int,
+    entries: Sequence[tuple[int, int, str, str, str, int]],
+) -> list[str]: ...

@@ -22,8 +22,9 @@ account's profit exceeds int64); ``PositionLimitError`` for too many positions
 (RESOURCE_EXHAUSTED); ``AllocationInvariantError`` (a ``RuntimeError``) if a result check fails,
 which is a bug (INTERNAL).
 
-``validated_liquidations`` is the liquidation path's, not the allocation's: it is here because
-this is where the native module is imported (see ``ledger.liquidation.validate_encoded``).
+``validated_liquidations`` and ``entry_chain`` are the liquidation path's, not the allocation's:
+they are here because this is where the native module is imported (see
+``ledger.liquidation.validate_encoded`` and ``ledger.journal.entry_chain``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ __all__ = [
     "allocations_digest",
     "encode_allocation_chunks",
     "encode_allocation_columns",
+    "entry_chain",
     "table_order",
     "validated_liquidations",
 ]
@@ -77,6 +79,7 @@ __all__ = [
 Ratio = str | Decimal
 
 validated_liquidations = _alloc.validated_liquidations
+entry_chain = _alloc.entry_chain
 
 
 class Ranking(IntEnum):

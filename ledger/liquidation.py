@@ -288,7 +288,7 @@ def decide(
     outcomes: list[LiquidationResult | Exception | None] = [None] * len(requests)
     first_in_batch: dict[str, int] = {}
     aliases: dict[int, int] = {}  # a repeat within the batch → the index it repeats
-    entry_rows: list[tuple[object, ...]] = []
+    entries: list[store.NewEntry] = []
     liquidation_rows: list[tuple[object, ...]] = []
     created = store.now_us()
     for i, r in enumerate(requests):
@@ -333,14 +333,13 @@ def decide(
             continue
         entry_id: int | None = None
         if value != 0:
-            entry = _entry(currency, r.liquidation_id, value)
-            refused = store.move(accounts, entry, field="engine_result")
+            kind, debit, credit, amount = _flow(value)
+            refused = store.move_amount(accounts, currency, debit, credit, amount, "engine_result")
             if refused is not None:
                 outcomes[i] = refused
                 continue
             entry_id = rows.entry_ids.take(slots[i])
-            link = rows.heads.link_entry(entry_id, entry, created)
-            entry_rows.append(store.entry_row(entry_id, entry, created, link))
+            entries.append((currency, entry_id, kind, r.liquidation_id, debit, credit, amount))
         first_in_batch[r.liquidation_id] = i
         outcome = outcome_of(value)
         fund_balance = accounts[(currency, INSURANCE_FUND)].balance
@@ -373,28 +372,15 @@ def decide(
         outcomes[i] = outcomes[j]
     done = [o for o in outcomes if o is not None]
     assert len(done) == len(outcomes), "a request of the batch was left without an outcome"
-    return done, entry_rows, liquidation_rows
+    return done, rows.heads.link_new_entries(entries, created), liquidation_rows
 
 
-def _entry(currency: str, liquidation_id: str, value: int) -> journal.Transfer:
-    """The flow of an engine result: a profit into the fund, a loss to the system loss."""
+def _flow(value: int) -> tuple[EntryKind, str, str, int]:
+    """The entry of an engine result (kind, debit, credit, amount): a profit into the fund, a
+    loss to the system loss."""
     if value > 0:
-        return journal.Transfer(
-            EntryKind.LIQUIDATION_PROFIT,
-            currency,
-            liquidation_id,
-            LIQUIDATION_ENGINE,
-            INSURANCE_FUND,
-            value,
-        )
-    return journal.Transfer(
-        EntryKind.LIQUIDATION_LOSS,
-        currency,
-        liquidation_id,
-        SYSTEM_LOSS,
-        LIQUIDATION_ENGINE,
-        -value,
-    )
+        return EntryKind.LIQUIDATION_PROFIT, LIQUIDATION_ENGINE, INSURANCE_FUND, value
+    return EntryKind.LIQUIDATION_LOSS, SYSTEM_LOSS, LIQUIDATION_ENGINE, -value
 
 
 def _conflict(request: LiquidationRequest) -> AlreadyExists:

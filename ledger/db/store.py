@@ -285,6 +285,11 @@ def chain_heads_query(currencies: Query) -> Query:
     return Query(_SELECT_HEADS, currencies.keys)
 
 
+# A new entry of the liquidation path: (currency, entry_id, kind, reference, debit, credit,
+# amount).
+NewEntry = tuple[str, int, EntryKind, str, str, str, int]
+
+
 @dataclass(slots=True)
 class ChainHeads:
     """The currencies' chain heads as read under the locks, moved as links are made."""
@@ -298,6 +303,30 @@ class ChainHeads:
         link = seq + 1, journal.entry_hash(previous, seq + 1, entry_id, transfer, created_at_us)
         self._move(transfer.currency, link)
         return link
+
+    def link_new_entries(
+        self, entries: Sequence[NewEntry], created_at_us: int
+    ) -> list[tuple[object, ...]]:
+        """The `entries` rows of new entries made at one time (no memo, reversing nothing), in
+        order, each linked into its currency's chain: a currency's links in one call of
+        journal.entry_chain."""
+        positions: dict[str, list[int]] = {}  # each currency's entries, in order
+        for k, entry in enumerate(entries):
+            positions.setdefault(entry[0], []).append(k)
+        links: list[tuple[int, str]] = [(0, "")] * len(entries)
+        for currency, ks in positions.items():
+            seq, previous = self._head(currency)
+            hashes = journal.entry_chain(
+                previous, seq + 1, currency, created_at_us, [entries[k][1:] for k in ks]
+            )
+            for n, (k, hash_) in enumerate(zip(ks, hashes, strict=True), seq + 1):
+                links[k] = (n, hash_)
+            self._move(currency, links[ks[-1]])
+        created = created_at_us
+        return [
+            (entry_id, currency, int(kind), ref, debit, credit, amount, "", created, *links[k], 0)
+            for k, (currency, entry_id, kind, ref, debit, credit, amount) in enumerate(entries)
+        ]
 
     def link_cycle(self, currency: str, fields: Sequence[object]) -> tuple[int, str]:
         seq, previous = self._head(currency)

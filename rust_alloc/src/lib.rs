@@ -15,6 +15,7 @@
 use std::fmt;
 
 mod account;
+pub mod chain;
 pub mod decode;
 mod ids;
 pub mod liquidation;

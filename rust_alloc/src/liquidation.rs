@@ -8,7 +8,7 @@
 //! So this path may decline what is valid, never accept what is not, and yields exactly the
 //! values (and hash bytes) the Python validation would.
 
-use sha2::{Digest, Sha256};
+use crate::chain::{hex_sha256, json_ascii};
 
 /// `ledger.limits.ID_LENGTH_MAX`, in characters (here ASCII, so bytes).
 pub const ID_LENGTH_MAX: usize = 128;
@@ -168,9 +168,9 @@ fn digest(l: &Liquidation<'_>) -> String {
     json.push_str(",\"close_price\":\"");
     json.push_str(&l.close_price.canonical);
     json.push_str("\",\"cycle_id\":");
-    json_string(&mut json, l.cycle_id);
+    json_ascii(&mut json, l.cycle_id);
     json.push_str(",\"liquidation_id\":");
-    json_string(&mut json, l.liquidation_id);
+    json_ascii(&mut json, l.liquidation_id);
     json.push_str(",\"position_id\":");
     json.push_str(&l.position_id.to_string());
     json.push_str(",\"quantity\":\"");
@@ -180,28 +180,11 @@ fn digest(l: &Liquidation<'_>) -> String {
     json.push_str(",\"side\":");
     json.push_str(&l.side.to_string());
     json.push_str(",\"symbol\":");
-    json_string(&mut json, l.symbol);
+    json_ascii(&mut json, l.symbol);
     json.push_str(",\"takeover_price\":\"");
     json.push_str(&l.takeover_price.canonical);
     json.push_str("\"}");
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    Sha256::digest(json.as_bytes())
-        .iter()
-        .flat_map(|byte| [HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 0xf)]])
-        .map(char::from)
-        .collect()
-}
-
-/// A printable ASCII string as JSON writes it: quoted, `"` and `\` escaped.
-fn json_string(out: &mut String, text: &str) {
-    out.push('"');
-    for c in text.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('"');
+    hex_sha256(json.as_bytes())
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -298,13 +281,6 @@ mod tests {
         assert_eq!(l.quantity.canonical, "0.5");
         assert_eq!(l.close_price.canonical, "64000.25");
         assert_eq!(l.digest.len(), 64);
-    }
-
-    #[test]
-    fn ids_are_escaped_as_json_writes_them() {
-        let mut json = String::new();
-        json_string(&mut json, r#"a"b\c"#);
-        assert_eq!(json, r#""a\"b\\c""#);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
+use crate::chain::{self, NewEntry};
 use crate::decode::{self, DecodeError, Item, PositionColumns};
 use crate::liquidation::{self, Exact, Liquidation};
 use crate::order;
@@ -470,6 +471,32 @@ fn liquidation_to_py<'py>(py: Python<'py>, l: &Liquidation<'_>) -> PyResult<Boun
     PyTuple::new(py, fields)
 }
 
+/// The chain hashes of new entries of one currency (see `chain::entry_chain`); each entry is
+/// (entry_id, kind, reference, debit, credit, amount).
+#[pyfunction]
+fn entry_chain(
+    previous: &str,
+    first_seq: u64,
+    currency: &str,
+    created_at_us: i64,
+    entries: Vec<(u64, u8, String, String, String, i64)>,
+) -> Vec<String> {
+    let entries: Vec<NewEntry<'_>> = entries
+        .iter()
+        .map(
+            |(entry_id, kind, reference, debit, credit, amount)| NewEntry {
+                entry_id: *entry_id,
+                kind: *kind,
+                reference,
+                debit,
+                credit,
+                amount: *amount,
+            },
+        )
+        .collect();
+    chain::entry_chain(previous, first_seq, currency, created_at_us, &entries)
+}
+
 #[pymodule]
 fn _alloc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -480,6 +507,7 @@ fn _alloc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(table_order, m)?)?;
     m.add_function(wrap_pyfunction!(allocations_digest, m)?)?;
     m.add_function(wrap_pyfunction!(validated_liquidations, m)?)?;
+    m.add_function(wrap_pyfunction!(entry_chain, m)?)?;
     m.add_class::<CycleInputDecoder>()?;
     m.add(
         "MalformedMessageError",

@@ -322,9 +322,10 @@ class ChainHeads:
             for n, (k, hash_) in enumerate(zip(ks, hashes, strict=True), seq + 1):
                 links[k] = (n, hash_)
             self._move(currency, links[ks[-1]])
-        created = created_at_us
         return [
-            (entry_id, currency, int(kind), ref, debit, credit, amount, "", created, *links[k], 0)
+            _entries_row(
+                entry_id, currency, kind, ref, debit, credit, amount, "", created_at_us, links[k], 0
+            )
             for k, (currency, entry_id, kind, ref, debit, credit, amount) in enumerate(entries)
         ]
 
@@ -363,18 +364,50 @@ def entry_row(
     entry_id: int, transfer: Transfer, created_at_us: int, link: tuple[int, str]
 ) -> tuple[object, ...]:
     """An `entries` row, in the table's column order, with its chain link."""
+    t = transfer
+    return _entries_row(
+        entry_id,
+        t.currency,
+        t.kind,
+        t.reference,
+        t.debit,
+        t.credit,
+        t.amount,
+        t.memo,
+        created_at_us,
+        link,
+        t.reverses,
+    )
+
+
+def _entries_row(
+    entry_id: int,
+    currency: str,
+    kind: EntryKind,
+    reference: str,
+    debit: str,
+    credit: str,
+    amount: int,
+    memo: str,
+    created_at_us: int,
+    link: tuple[int, str],
+    reverses: int,
+) -> tuple[object, ...]:
+    """The `entries` table's column order, written once."""
+    seq, hash_ = link
     return (
         entry_id,
-        transfer.currency,
-        int(transfer.kind),
-        transfer.reference,
-        transfer.debit,
-        transfer.credit,
-        transfer.amount,
-        transfer.memo,
+        currency,
+        int(kind),
+        reference,
+        debit,
+        credit,
+        amount,
+        memo,
         created_at_us,
-        *link,
-        transfer.reverses,
+        seq,
+        hash_,
+        reverses,
     )
 
 

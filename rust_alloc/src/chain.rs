@@ -6,6 +6,8 @@ use std::fmt::Write;
 
 use sha2::{Digest, Sha256};
 
+use crate::decode::hex;
+
 /// A new entry of the liquidation path (no memo, reversing nothing).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewEntry<'a> {
@@ -55,12 +57,7 @@ pub fn entry_chain(
 
 /// Lowercase hex SHA-256.
 pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    Sha256::digest(bytes)
-        .iter()
-        .flat_map(|byte| [HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 0xf)]])
-        .map(char::from)
-        .collect()
+    hex(&Sha256::digest(bytes))
 }
 
 /// A string as Python's `json.dumps(..., ensure_ascii=True)` writes it: quoted; `"`, `\` and

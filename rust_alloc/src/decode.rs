@@ -10,9 +10,9 @@ use sha2::{Digest, Sha256};
 use crate::ids;
 use crate::Positions;
 
-const WIRE_VARINT: u64 = 0;
+pub(crate) const WIRE_VARINT: u64 = 0;
 const WIRE_FIXED64: u64 = 1;
-const WIRE_LEN: u64 = 2;
+pub(crate) const WIRE_LEN: u64 = 2;
 const WIRE_FIXED32: u64 = 5;
 const FIELD_NUMBER_MAX: u64 = (1 << 29) - 1; // protobuf's largest field number
 const LENGTH_MAX: u64 = (1 << 31) - 1; // protobuf's largest length-delimited field
@@ -80,12 +80,13 @@ pub struct PositionColumns {
     pub pnl: Vec<i64>,
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
+/// Protobuf's wire format, read field by field (also the liquidation path's, `liquidation.rs`).
+pub(crate) struct Reader<'a> {
+    pub(crate) bytes: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn varint(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn varint(&mut self) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for (index, &byte) in self.bytes.iter().enumerate().take(10) {
             value |= u64::from(byte & 0x7f) << (7 * index);
@@ -120,7 +121,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next (field number, wire type), or `None` at the end.
-    fn key(&mut self) -> Result<Option<(u64, u64)>, DecodeError> {
+    pub(crate) fn key(&mut self) -> Result<Option<(u64, u64)>, DecodeError> {
         if self.bytes.is_empty() {
             return Ok(None);
         }
@@ -134,7 +135,7 @@ impl<'a> Reader<'a> {
         Ok(Some((key >> 3, key & 7)))
     }
 
-    fn length_delimited(&mut self) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn length_delimited(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = self.short_varint(5, "length longer than 5 bytes")?;
         if len > LENGTH_MAX {
             return Err(DecodeError::Malformed("length above 2^31 - 1"));
@@ -311,11 +312,7 @@ impl PositionColumns {
             record[16..].copy_from_slice(&self.pnl[index].to_le_bytes());
             hasher.update(record);
         }
-        Ok(hasher
-            .finalize()
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect())
+        Ok(hex(&hasher.finalize()))
     }
 }
 
@@ -344,10 +341,21 @@ pub fn allocations_digest(
         record[24..].copy_from_slice(&amount[row].to_le_bytes());
         hasher.update(record);
     }
-    hasher
-        .finalize()
+    hex(&hasher.finalize())
+}
+
+/// Lowercase hex, as the digests are shown and stored.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    bytes
         .iter()
-        .map(|byte| format!("{byte:02x}"))
+        .flat_map(|byte| {
+            [
+                DIGITS[usize::from(byte >> 4)],
+                DIGITS[usize::from(byte & 0xf)],
+            ]
+        })
+        .map(char::from)
         .collect()
 }
 

@@ -9,6 +9,7 @@
 //! values (and hash bytes) the Python validation would.
 
 use crate::chain::{hex_sha256, json_ascii};
+use crate::decode::{Reader, WIRE_LEN, WIRE_VARINT};
 
 /// `ledger.limits.ID_LENGTH_MAX`, in characters (here ASCII, so bytes).
 pub const ID_LENGTH_MAX: usize = 128;
@@ -17,8 +18,6 @@ pub const DECIMAL_PLACES_MAX: usize = 18;
 /// Python allows 40 digits; a u128 holds any 38. The longer ones take the Python path.
 const DECIMAL_DIGITS_MAX: usize = 38;
 
-const WIRE_VARINT: u64 = 0;
-const WIRE_LEN: u64 = 2;
 const LONG: u64 = 1;
 const SHORT: u64 = 2;
 
@@ -49,13 +48,13 @@ pub struct Liquidation<'a> {
 
 /// The items of a `RecordLiquidationsRequest`, or `None` unless every one is plainly valid.
 pub fn batch(message: &[u8]) -> Option<Vec<Liquidation<'_>>> {
-    let mut reader = Reader(message);
+    let mut reader = Reader { bytes: message };
     let mut items = Vec::new();
-    while let Some((field, wire)) = reader.key()? {
+    while let Some((field, wire)) = reader.key().ok()? {
         if field != 1 || wire != WIRE_LEN {
             return None;
         }
-        items.push(one(reader.length_delimited()?)?);
+        items.push(one(reader.length_delimited().ok()?)?);
     }
     Some(items)
 }
@@ -65,16 +64,18 @@ pub fn one(message: &[u8]) -> Option<Liquidation<'_>> {
     let mut seen = 0u16;
     let mut text = [""; 10]; // by field number - 1; only the string fields are set
     let mut number = [0u64; 10]; // likewise, the varint fields
-    let mut reader = Reader(message);
-    while let Some((field, wire)) = reader.key()? {
+    let mut reader = Reader { bytes: message };
+    while let Some((field, wire)) = reader.key().ok()? {
         if !(1..=10).contains(&field) || seen & (1 << field) != 0 {
             return None; // unknown or repeated: protobuf's rules for those are Python's
         }
         seen |= 1 << field;
         let slot = (field - 1) as usize;
         match (field, wire) {
-            (1..=3 | 7..=9, WIRE_LEN) => text[slot] = printable(reader.length_delimited()?)?,
-            (4..=6 | 10, WIRE_VARINT) => number[slot] = reader.varint()?,
+            (1..=3 | 7..=9, WIRE_LEN) => {
+                text[slot] = printable(reader.length_delimited().ok()?)?;
+            }
+            (4..=6 | 10, WIRE_VARINT) => number[slot] = reader.varint().ok()?,
             _ => return None,
         }
     }
@@ -185,48 +186,6 @@ fn digest(l: &Liquidation<'_>) -> String {
     json.push_str(&l.takeover_price.canonical);
     json.push_str("\"}");
     hex_sha256(json.as_bytes())
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    /// A varint as protobuf reads it; `None` past 10 bytes or beyond 64 bits.
-    fn varint(&mut self) -> Option<u64> {
-        let mut value = 0u64;
-        for (index, &byte) in self.0.iter().enumerate().take(10) {
-            if index == 9 && byte > 1 {
-                return None;
-            }
-            value |= u64::from(byte & 0x7f) << (7 * index);
-            if byte < 0x80 {
-                self.0 = &self.0[index + 1..];
-                return Some(value);
-            }
-        }
-        None
-    }
-
-    /// The next (field number, wire type); `Some(None)` at the end.
-    fn key(&mut self) -> Option<Option<(u64, u64)>> {
-        if self.0.is_empty() {
-            return Some(None);
-        }
-        let key = self.varint()?;
-        if key > u64::from(u32::MAX) {
-            return None;
-        }
-        Some(Some((key >> 3, key & 7)))
-    }
-
-    fn length_delimited(&mut self) -> Option<&'a [u8]> {
-        let len = self.varint()?;
-        if len > u64::from(i32::MAX as u32) || len as usize > self.0.len() {
-            return None;
-        }
-        let (head, tail) = self.0.split_at(len as usize);
-        self.0 = tail;
-        Some(head)
-    }
 }
 
 #[cfg(test)]
